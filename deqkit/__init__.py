@@ -1,0 +1,38 @@
+"""deqkit: deep equilibrium models in PyTorch.
+
+Solve ``z* = f(z*, x)`` with pluggable solvers and differentiate through it with pluggable
+backward modes::
+
+    import deqkit
+    sol = deqkit.fixed_point(f, z0, solver=deqkit.Anderson(m=5), backward=deqkit.Implicit())
+    sol.value, sol.result, sol.stats.nfev
+"""
+
+from . import solvers
+from ._backward import AbstractBackward, Implicit, OneStep, Phantom, Unrolled
+from ._result import BackwardStats, Result, Solution, SolveError, Stats
+from ._solve import fixed_point
+from .solvers import AbstractSolver, Anderson, Broyden, FixedPoint, NewtonKrylov, TorchDEQSolver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstractBackward",
+    "AbstractSolver",
+    "Anderson",
+    "BackwardStats",
+    "Broyden",
+    "FixedPoint",
+    "Implicit",
+    "NewtonKrylov",
+    "OneStep",
+    "Phantom",
+    "Result",
+    "Solution",
+    "SolveError",
+    "Stats",
+    "TorchDEQSolver",
+    "Unrolled",
+    "fixed_point",
+    "solvers",
+]

@@ -1,0 +1,128 @@
+"""Typed results of a fixed-point solve: the Result code, the Stats record, the Solution."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+from torch import Tensor
+
+
+class Result(enum.IntEnum):
+    """How a solve ended. Per sample in ``Stats.status``; the worst one in ``Solution.result``.
+
+    The order is the severity: ``Solution.result`` is the largest code over the batch.
+    """
+
+    SUCCESS = 0
+    """The residual fell to ``tol`` or below."""
+    MAX_STEPS = 1
+    """``max_steps`` iterations ran without reaching ``tol``; the best iterate is returned."""
+    DIVERGED = 2
+    """The residual grew past ``divergence`` times its first value; iteration stopped."""
+    NONFINITE = 3
+    """``f`` returned NaN or Inf; the best finite iterate is returned."""
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Result.SUCCESS: "the residual reached the tolerance",
+    Result.MAX_STEPS: "max_steps was reached before the residual fell to the tolerance",
+    Result.DIVERGED: "the residual grew past `divergence` times its first value",
+    Result.NONFINITE: "f returned a non-finite value (NaN or Inf)",
+}
+
+
+class SolveError(RuntimeError):
+    """Raised by a solve with ``throw=True`` that did not succeed. ``.solution`` holds the result."""
+
+    def __init__(self, message: str, solution: "Solution"):
+        super().__init__(message)
+        self.solution = solution
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardStats:
+    """What the backward pass of an implicit solve did (filled in when it has run)."""
+
+    nfev: int
+    """Vector-Jacobian products computed by the adjoint solve."""
+    steps: Tensor
+    """LongTensor[B]: adjoint iterations each sample used."""
+    residual: Tensor
+    """Tensor[B]: final adjoint residual per sample."""
+    result: Result
+    """The worst per-sample code of the adjoint solve."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """The record of one forward solve. Batch dimension first; tensors are detached."""
+
+    nfev: int
+    """Calls of ``f`` (a batched call counts once; a Jacobian-vector product counts once)."""
+    steps: Tensor
+    """LongTensor[B]: iterations (evaluations of ``f``) each sample took part in."""
+    residual: Tensor
+    """Tensor[B]: the residual of the returned iterate, in ``stop_mode``."""
+    converged: Tensor
+    """BoolTensor[B]: ``residual <= tol``."""
+    status: Tensor
+    """LongTensor[B]: each sample's ``Result`` code."""
+    trace: Tensor
+    """Tensor[B, T]: residual after each iteration; a sample that stopped keeps its last value."""
+    stop_mode: str
+    tol: float
+    sample_evals: int
+    """Rows of the batch passed through ``f`` in all (with ``active_set`` this is what shrinks)."""
+    backward: list = dataclasses.field(default_factory=list, compare=False)
+    """``BackwardStats`` of each backward pass through this solve, appended when it runs."""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.steps.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """The result of :func:`deqkit.fixed_point`: the same type in training and evaluation."""
+
+    value: Tensor
+    """The fixed point estimate, same shape as ``z0``: ``f(z_k)`` for each sample's best ``z_k``."""
+    result: Result
+    """The worst per-sample code of the batch."""
+    stats: Stats
+    trajectory: tuple[Tensor, ...] = ()
+    """The last ``trajectory`` images ``f(z_k)``, oldest first, with gradients when asked for."""
+
+    @property
+    def success(self) -> bool:
+        return self.result == Result.SUCCESS
+
+    def __repr__(self) -> str:  # a short, readable summary instead of dumping tensors
+        s = self.stats
+        return (
+            f"Solution(result={self.result.name}, shape={tuple(self.value.shape)}, "
+            f"nfev={s.nfev}, max_residual={float(s.residual.max()):.3g} ({s.stop_mode}), "
+            f"converged={int(s.converged.sum())}/{s.batch_size})"
+        )
+
+
+def worst(status: Tensor) -> Result:
+    return Result(int(status.max())) if status.numel() else Result.SUCCESS
+
+
+def describe_failure(status: Tensor, residual: Tensor, tol: float, stop_mode: str) -> str:
+    """A readable sentence naming the failed samples and the reason."""
+    code = worst(status)
+    bad = torch.nonzero(status == code).flatten().tolist()
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return (
+        f"fixed-point solve ended with {code.name}: {code.message} "
+        f"(samples [{shown}] of {status.numel()}; max residual {float(residual.max()):.3g} "
+        f"in stop_mode={stop_mode!r}, tol={tol:g}). Pass throw=False to get the Solution instead."
+    )

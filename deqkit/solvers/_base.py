@@ -1,0 +1,74 @@
+"""The solver protocol: a solver says how to take one step; the shared loop does the rest."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class SolverLike(Protocol):
+    """Anything with ``init`` and ``step`` can be passed as ``solver=``; subclassing is optional."""
+
+    def init(self, z: Tensor, fz: Tensor, problem: Any) -> Any: ...
+
+    def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]: ...
+
+
+class AbstractSolver(abc.ABC):
+    """Base class of deqkit's solvers.
+
+    A solver is an immutable record of hyperparameters. The shared loop calls
+    ``state = solver.init(z0, f(z0), problem)`` once and then, while any sample is still
+    iterating, ``z_next, state = solver.step(z, f(z), state, problem)``; it evaluates ``f`` at
+    ``z_next`` itself, checks the residual per sample, freezes finished samples and keeps
+    each sample's best iterate. A step proposes the next iterate for the whole batch; the loop
+    ignores the rows of samples that have stopped.
+
+    ``problem`` gives a step what it may need beyond ``z`` and ``f(z)``: ``problem.active``
+    (BoolTensor[B], samples still iterating), ``problem.f(z)`` (a counted call of the map) and
+    ``problem.jvp(z, v)`` (a counted Jacobian-vector product of the map).
+
+    Steps must not modify ``z``, ``fz`` or tensors of earlier states in place, and must be
+    written with out-of-place operations wherever autograd may see them (``Unrolled``).
+    """
+
+    def init(self, z: Tensor, fz: Tensor, problem: Any) -> Any:
+        """The state before the first step (default: none)."""
+        return None
+
+    @abc.abstractmethod
+    def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
+        """Return the next iterate for the whole batch and the new state."""
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of solver arithmetic: float32 or better, whatever the state's dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def batched_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product of two (B, d) tensors."""
+    return torch.einsum("bd,bd->b", a, b)
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """Check 0 < value <= 1 (a damping or mixing factor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0) and value == value
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
