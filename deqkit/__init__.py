@@ -8,10 +8,13 @@ backward modes::
     sol.value, sol.result, sol.stats.nfev
 """
 
-from . import solvers
+from . import nn, solvers
 from ._backward import AbstractBackward, Implicit, OneStep, Phantom, Unrolled
 from ._result import BackwardStats, Result, Solution, SolveError, Stats
+from ._module import DEQ
+from ._regularization import JacobianReg, jacobian_reg, spectral_radius
 from ._solve import fixed_point
+from ._supervision import fp_correction, fp_weights
 from .solvers import AbstractSolver, Anderson, Broyden, FixedPoint, NewtonKrylov, TorchDEQSolver
 
 __version__ = "0.1.0"
@@ -21,6 +24,8 @@ __all__ = [
     "AbstractSolver",
     "Anderson",
     "BackwardStats",
+    "DEQ",
+    "JacobianReg",
     "Broyden",
     "FixedPoint",
     "Implicit",
@@ -34,5 +39,10 @@ __all__ = [
     "TorchDEQSolver",
     "Unrolled",
     "fixed_point",
+    "fp_correction",
+    "fp_weights",
+    "jacobian_reg",
+    "nn",
     "solvers",
+    "spectral_radius",
 ]

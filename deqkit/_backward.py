@@ -127,6 +127,8 @@ class Implicit(AbstractBackward):
     def attach(self, call, z_star, fz_star, stats, throw):
         z_req = z_star.detach().requires_grad_(True)
         fz = call(z_req)
+        if not _needs_grad_besides(fz, z_req):  # nothing to differentiate: plain value
+            return fz.detach(), ()
         return _ImplicitAdjoint.apply(fz, z_req, self, stats, throw), ()
 
     def adjoint(self, fz: Tensor, z_req: Tensor, grad: Tensor, stats: Stats, throw: bool) -> Tensor:
@@ -167,6 +169,23 @@ class Implicit(AbstractBackward):
                 stacklevel=3,
             )
         return out.best_fz
+
+
+def _needs_grad_besides(out: Tensor, leaf: Tensor) -> bool:
+    """True if ``out``'s graph reaches a tensor requiring grad other than ``leaf``."""
+    if out.grad_fn is None:
+        return False
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None and variable is not leaf:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 class _ImplicitAdjoint(torch.autograd.Function):

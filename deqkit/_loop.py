@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ._context import rows_scope
 from ._result import Result
 
 _RUNNING = -1
@@ -63,7 +65,7 @@ class Problem:
         self.active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
         self.nfev = 0
         self.sample_evals = 0
-        self._checked = False
+        self._no_forward_ad = False
 
     # -- evaluation -------------------------------------------------------------------------
     def _call(self, z: Tensor, inputs: tuple) -> Tensor:
@@ -119,17 +121,42 @@ class Problem:
         )
         self.nfev += 1
         self.sample_evals += n_active
-        out = self._call(z.index_select(0, idx), inputs)
+        with rows_scope(idx):
+            out = self._call(z.index_select(0, idx), inputs)
         return previous.index_copy(0, idx, out)
 
-    def jvp(self, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """``(f(z), J_f(z) v)`` by forward-mode AD; counts as one evaluation."""
-        self.nfev += 1
-        self.sample_evals += z.shape[0]
-        inputs = self._inputs
-        out, tangent = torch.func.jvp(lambda u: self._f(u, *inputs), (z,), (v.to(z.dtype),))
-        return self._check(out, z), tangent.to(self._dtype)
+    def jvp(self, z: Tensor, v: Tensor, fz: Tensor | None = None, method: str = "auto") -> Tensor:
+        """``J_f(z) v``, counted as one evaluation of f.
 
+        ``method``: "forward" (forward-mode AD, exact), "finite_difference"
+        (``(f(z + h v) - f(z)) / h``, needs ``fz = f(z)``; accurate to about the square root of
+        the dtype's epsilon) or "auto" (forward mode, falling back to finite differences for
+        maps with operations that have no forward-mode derivative).
+        """
+        if method in ("auto", "forward") and not self._no_forward_ad:
+            self.nfev += 1
+            self.sample_evals += z.shape[0]
+            inputs = self._inputs
+            try:
+                with warnings.catch_warnings():  # torch's own first-use notice in forward AD
+                    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+                    _, tangent = torch.func.jvp(lambda u: self._f(u, *inputs), (z,), (v.to(z.dtype),))
+                return tangent.to(self._dtype)
+            except (NotImplementedError, RuntimeError) as err:
+                if method == "forward" or "forward AD" not in str(err) and "forward-mode" not in str(err).lower():
+                    raise
+                self._no_forward_ad = True
+                self.nfev -= 1
+                self.sample_evals -= z.shape[0]
+        if fz is None:
+            raise ValueError("a finite-difference JVP needs fz = f(z)")
+        b = z.shape[0]
+        eps = torch.finfo(torch.promote_types(z.dtype, torch.float32)).eps
+        zn = torch.linalg.vector_norm(z.reshape(b, -1).float(), dim=1)
+        vn = torch.linalg.vector_norm(v.reshape(b, -1).float(), dim=1).clamp_min(1e-30)
+        h = (eps ** 0.5) * (1 + zn) / vn  # (B,) per-sample step
+        hb = h.reshape((-1,) + (1,) * (z.dim() - 1)).to(z.dtype)
+        return (self.f(z + hb * v.to(z.dtype)) - fz) / hb
 
 @dataclasses.dataclass
 class LoopOutput:

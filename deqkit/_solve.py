@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._context import solve_scope
 from ._backward import AbstractBackward, Implicit, Unrolled
 from ._loop import Problem, iterate
 from ._result import Result, Solution, SolveError, Stats, describe_failure, worst
@@ -101,7 +102,13 @@ def fixed_point(
     solver = Anderson() if solver is None else solver
     backward = Implicit() if backward is None else backward
     _validate(f, z0, solver, backward, tol, stop_mode, max_steps, divergence, trajectory)
-    inputs = tuple(inputs)
+    with solve_scope(z0.shape[0]):
+        return _solve(f, z0, tuple(inputs), solver, backward, tol, stop_mode, max_steps,
+                      active_set, divergence, trajectory, throw, throw_on_max_steps)
+
+
+def _solve(f, z0, inputs, solver, backward, tol, stop_mode, max_steps, active_set, divergence,
+           trajectory, throw, throw_on_max_steps) -> Solution:
 
     problem = Problem(
         f, z0, inputs, active_set=active_set,

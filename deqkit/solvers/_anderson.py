@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._base import AbstractSolver, check_positive, check_positive_int, check_unit_interval, work_dtype
+from ._base import AbstractSolver, check_positive, check_positive_int, check_unit_interval, combine, rows_dot, work_dtype
 
 
 class AndersonState(NamedTuple):
@@ -101,15 +101,13 @@ class Anderson(AbstractSolver):
 
         xs = _write(state.x, slot, x, 1)
         gs = _write(state.g, slot, g, 1)
-        row = torch.einsum("bmd,bd->bm", gs, g)  # new row and column of the Gram matrix
+        row = rows_dot(gs, g)  # new row and column of the Gram matrix
         gram = _write(state.gram, slot, row, 1)
         gram = _write(gram, slot, row, 2)
         valid = _write(valid.clone() if valid is state.valid else valid, slot, torch.ones(b, dtype=torch.bool, device=z.device), 1)
 
         alpha = self._weights(gram, valid)
-        mixed_x = torch.einsum("bm,bmd->bd", alpha, xs)
-        mixed_g = torch.einsum("bm,bmd->bd", alpha, gs)
-        z_next = mixed_x + self.beta * mixed_g
+        z_next = combine(alpha, xs) + self.beta * combine(alpha, gs)
         plain = ~torch.isfinite(alpha).all(dim=1)
         if bool(plain.any()):  # a failed solve: fall back to a plain step and forget the past
             z_next = torch.where(plain.unsqueeze(1), x + self.beta * g, z_next)

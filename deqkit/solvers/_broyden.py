@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._base import AbstractSolver, batched_dot, check_positive_int, work_dtype
+from ._base import AbstractSolver, batched_dot, check_positive_int, combine, rows_dot, work_dtype
 from ._anderson import _write
 
 
@@ -71,7 +71,7 @@ class Broyden(AbstractSolver):
         dg = g - state.g
         jinv_g_old = self._matvec(state.u, state.vt, g)          # J_old^-1 g
         jinv_dg = jinv_g_old - state.jinv_g                      # J_old^-1 dg
-        vt_new = -dx + torch.einsum("bm,bmd->bd", torch.einsum("bd,bmd->bm", dx, state.u), state.vt)  # dx^T J_old^-1
+        vt_new = -dx + combine(rows_dot(state.u, dx), state.vt)  # dx^T J_old^-1
         denom = batched_dot(vt_new, dg)
         ok = torch.isfinite(denom) & (denom.abs() > torch.finfo(dt).eps * (vt_new.norm(dim=1) * dg.norm(dim=1)).clamp_min(torch.finfo(dt).tiny))
         safe = torch.where(ok, denom, torch.ones_like(denom))
@@ -91,4 +91,4 @@ class Broyden(AbstractSolver):
     @staticmethod
     def _matvec(u: Tensor, vt: Tensor, v: Tensor) -> Tensor:
         """(-I + U V^T) v for each sample."""
-        return -v + torch.einsum("bm,bmd->bd", torch.einsum("bmd,bd->bm", vt, v), u)
+        return -v + combine(rows_dot(vt, v), u)

@@ -22,9 +22,10 @@ class FixedPoint(AbstractSolver):
 
     Example:
         >>> import torch, deqkit
-        >>> sol = deqkit.fixed_point(torch.cos, torch.zeros(2, 1), solver=deqkit.FixedPoint(), tol=1e-6)
-        >>> round(float(sol.value[0, 0]), 5)
-        0.73909
+        >>> z0 = torch.zeros(2, 1, dtype=torch.float64)
+        >>> sol = deqkit.fixed_point(torch.cos, z0, solver=deqkit.FixedPoint(), tol=1e-10, max_steps=100)
+        >>> round(float(sol.value[0, 0]), 6), sol.stats.steps.tolist()
+        (0.739085, [60, 60])
     """
 
     damping: float = 1.0

@@ -7,7 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ._base import AbstractSolver, batched_dot, check_positive, check_positive_int, check_unit_interval, work_dtype
+from ._base import AbstractSolver, batched_dot, combine, check_positive, check_positive_int, check_unit_interval, work_dtype
+
+
+_JVP_METHODS = ("auto", "forward", "finite_difference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,17 +18,22 @@ class NewtonKrylov(AbstractSolver):
     """Newton's method on ``g(z) = f(z) - z``, each linear system solved by GMRES.
 
     A step solves ``(J_f(z) - I) s = -g(z)`` to relative accuracy ``krylov_rtol`` with at
-    most ``krylov_dim`` Jacobian-vector products (forward-mode autodiff, each about the cost
-    of one call of f and counted in ``nfev``), then moves ``z <- z + damping * s``. Near a
+    most ``krylov_dim`` Jacobian-vector products (each about the cost of one call of f and
+    counted in ``nfev``), then moves ``z <- z + damping * s``. Near a
     solution it converges quadratically, so a few accurate steps can beat many cheap ones
     when f is smooth and residuals must be tight; far from it, or on rough maps, prefer
-    ``Anderson``. f must support ``torch.func.jvp`` (most torch operations do).
+    ``Anderson``.
 
     Args:
         krylov_dim: most GMRES iterations (JVPs) per Newton step, >= 1.
         krylov_rtol: GMRES stops once every sample's linear residual is below this fraction
             of ``||g(z)||``, > 0.
         damping: step length in (0, 1].
+        jvp: how Jacobian-vector products are computed: "forward" (forward-mode autodiff,
+            exact), "finite_difference" (one extra call of f each; relative accuracy about
+            the square root of the dtype's epsilon) or "auto" (forward mode, falling back to
+            finite differences when f uses an operation without a forward-mode derivative,
+            such as fused attention on CPU).
 
     Reference: Knoll & Keyes, "Jacobian-free Newton-Krylov methods" (2004).
 
@@ -40,8 +48,11 @@ class NewtonKrylov(AbstractSolver):
     krylov_dim: int = 20
     krylov_rtol: float = 1e-3
     damping: float = 1.0
+    jvp: str = "auto"
 
     def __post_init__(self):
+        if self.jvp not in _JVP_METHODS:
+            raise ValueError(f"jvp must be one of {_JVP_METHODS}, got {self.jvp!r}")
         check_positive_int("krylov_dim", self.krylov_dim)
         check_positive("krylov_rtol", self.krylov_rtol)
         check_unit_interval("damping", self.damping)
@@ -57,7 +68,7 @@ class NewtonKrylov(AbstractSolver):
         h_cols = []
         y = None
         for j in range(self.krylov_dim):
-            _, jv = problem.jvp(z, basis[j].reshape(z.shape).to(z.dtype))
+            jv = problem.jvp(z, basis[j].reshape(z.shape).to(z.dtype), fz=fz, method=self.jvp)
             w = jv.reshape(b, -1).to(dt) - basis[j]  # (J - I) v_j
             col = []
             for v in basis:  # modified Gram-Schmidt
@@ -69,9 +80,11 @@ class NewtonKrylov(AbstractSolver):
             h_cols.append(torch.stack(col, dim=1))  # (B, j + 2)
             basis.append(w / h_next.clamp_min(torch.finfo(dt).tiny).unsqueeze(1))
             y, lin_res = self._least_squares(h_cols, beta)
-            if bool((lin_res <= self.krylov_rtol * safe_beta).all()):
+            # a sample with a non-finite residual never meets the tolerance: do not let it keep
+            # the others iterating past their Krylov breakdown (that step would be noise)
+            if bool(((lin_res <= self.krylov_rtol * safe_beta) | ~torch.isfinite(lin_res)).all()):
                 break
-        s = torch.einsum("bk,bkd->bd", y, torch.stack(basis[: y.shape[1]], dim=1))
+        s = combine(y, torch.stack(basis[: y.shape[1]], dim=1))
         z_next = z.reshape(b, -1).to(dt) + self.damping * s
         return z_next.reshape(z.shape).to(z.dtype), state
 

@@ -1,0 +1,154 @@
+"""The benchmark problem suite: maps f(z, *inputs) with a starting point, built from a seed.
+
+Each builder returns a ``Problem``. Problems without cross-sample coupling can be solved with
+``active_set=True``; all take per-sample inputs through ``inputs`` so that works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass
+class Problem:
+    name: str
+    description: str
+    f: Callable[..., Tensor]
+    z0: Tensor
+    inputs: tuple
+    budget: int  # max_steps of the fixed-budget runs
+    coupled: bool = False  # True if f mixes samples (no active set)
+
+
+def _spectral_scale(w: Tensor, rho: float) -> Tensor:
+    return w * (rho / torch.linalg.matrix_norm(w, ord=2))
+
+
+def tanh_layer(rho: float, dim: int = 256, batch: int = 32, seed: int = 0) -> Problem:
+    """z = tanh(W z + U x) with ||W||_2 = rho: contraction factor at most rho."""
+    g = torch.Generator().manual_seed(seed)
+    w = _spectral_scale(torch.randn(dim, dim, generator=g), rho)
+    u = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
+    x = 0.3 * torch.randn(batch, dim, generator=g)  # small inputs: tanh stays near linear
+
+    def f(z, x):
+        return torch.tanh(z @ w.T + x @ u.T)
+
+    return Problem(f"tanh_rho{rho}", f"tanh(Wz+Ux), ||W||={rho}, d={dim}, B={batch}", f, torch.zeros(batch, dim), (x,), budget=60 if rho < 0.95 else 150)
+
+
+def heterogeneous(dim: int = 256, batch: int = 32, seed: int = 0, low: float = 0.3, high: float = 0.98) -> Problem:
+    """z_i = tanh(c_i W z_i + x_i): per-sample contraction c_i spread from low to high."""
+    g = torch.Generator().manual_seed(seed)
+    w = _spectral_scale(torch.randn(dim, dim, generator=g), 1.0)
+    x = 0.3 * torch.randn(batch, dim, generator=g)
+    # most samples contract fast; a few are slow (the case active sets are for)
+    c = torch.cat([torch.linspace(low, 0.6, batch - batch // 8), torch.linspace(0.9, high, batch // 8)])
+    c = c.unsqueeze(1)
+
+    def f(z, x, c):
+        return torch.tanh(c * (z @ w.T) + x)
+
+    return Problem("heterogeneous", f"tanh(c_i W z + x), c_i in [{low}, {high}], d={dim}, B={batch}", f, torch.zeros(batch, dim), (x, c), budget=200)
+
+
+def linear_ill(dim: int = 256, batch: int = 16, seed: int = 0, top: float = 0.99) -> Problem:
+    """z = A z + b, A symmetric with eigenvalues spread over [0, top] (ill-conditioned I - A)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    eig = top * (1 - torch.logspace(0, -2, dim)) / (1 - 0.01)
+    a = (q * eig) @ q.T
+    b = torch.randn(batch, dim, generator=g)
+
+    def f(z, b):
+        return z @ a.T + b
+
+    return Problem("linear_ill", f"z=Az+b, eig(A) in [0, {top}], d={dim}, B={batch}", f, torch.zeros(batch, dim), (b,), budget=300)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block whose qkv pre-activations receive an additive injection."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        b, n, d = z.shape
+        qkv = self.qkv(self.norm1(z)) + u  # (B, N, 3D)
+        q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
+        z = z + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return z + self.mlp(self.norm2(z))
+
+
+class TransformerCell(nn.Module):
+    """A GET-style equilibrium function: L_e pre-LN blocks with per-block qkv injections."""
+
+    def __init__(self, dim: int = 256, heads: int = 4, depth: int = 3, mlp_ratio: int = 6):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        for block, ui in zip(self.blocks, u.chunk(len(self.blocks), dim=-1)):
+            z = block(z, ui)
+        return z
+
+
+def get_t(batch: int = 4, tokens: int = 256, seed: int = 0) -> Problem:
+    """The GET-T/2 equilibrium function (D=256, 4 heads, 3 blocks, MLP ratio 6) at init."""
+    torch.manual_seed(seed)
+    cell = TransformerCell().eval()
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    u = torch.randn(batch, tokens, 3 * 3 * 256) * 0.5
+    return Problem("get_t", f"GET-T equilibrium transformer at init, B={batch}, N={tokens}, D=256", cell, torch.randn(batch, tokens, 256), (u,), budget=40)
+
+
+class _ConvCell(nn.Module):
+    """An MDEQ-style residual cell on images: GN(relu(z + GN(conv(relu(GN(conv(z))))) + x))."""
+
+    def __init__(self, channels: int = 32, groups: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.gn1, self.gn2, self.gn3 = (nn.GroupNorm(groups, channels, affine=False) for _ in range(3))
+        for conv in (self.conv1, self.conv2):
+            nn.init.normal_(conv.weight, std=0.01)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        y = self.gn2(self.conv2(torch.relu(self.gn1(self.conv1(z)))))
+        return self.gn3(torch.relu(z + y + x))
+
+
+def mdeq_conv(batch: int = 16, channels: int = 32, size: int = 16, seed: int = 0) -> Problem:
+    torch.manual_seed(seed)
+    cell = _ConvCell(channels).eval()
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(batch, channels, size, size)
+    return Problem("mdeq_conv", f"MDEQ-style conv cell, B={batch}, C={channels}, {size}x{size}", cell, torch.zeros(batch, channels, size, size), (x,), budget=60)
+
+
+def suite(quick: bool) -> list[Problem]:
+    if quick:
+        return [tanh_layer(0.9, dim=64, batch=8), heterogeneous(dim=64, batch=16)]
+    return [
+        tanh_layer(0.5),
+        tanh_layer(0.9),
+        tanh_layer(0.99),
+        heterogeneous(),
+        linear_ill(),
+        get_t(),
+        mdeq_conv(),
+    ]
