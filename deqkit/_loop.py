@@ -14,6 +14,7 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,17 +24,20 @@ from ._result import Result
 _RUNNING = -1
 
 
-def residual_norm(z: Tensor, fz: Tensor, stop_mode: str) -> Tensor:
-    """Per-sample residual: ``||f(z) - z||`` ("abs") or that over ``||f(z)|| + 1e-9`` ("rel").
-
-    Norms are L2 over all dims but the first, computed in float32 or better.
-    """
+def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ``(||f(z) - z||, ||f(z)||)``: L2 over all dims but the first, in float32+. No graph."""
     dtype = torch.promote_types(z.dtype, torch.float32)
-    diff = (fz.detach() - z.detach()).reshape(z.shape[0], -1).to(dtype)
-    res = torch.linalg.vector_norm(diff, dim=1)
-    if stop_mode == "rel":
-        res = res / (torch.linalg.vector_norm(fz.detach().reshape(z.shape[0], -1).to(dtype), dim=1) + 1e-9)
-    return res
+    b = z.shape[0]
+    with torch.no_grad():
+        diff = torch.linalg.vector_norm((fz - z).reshape(b, -1), dim=1, dtype=dtype)
+        size = torch.linalg.vector_norm(fz.reshape(b, -1), dim=1, dtype=dtype)
+    return diff, size
+
+
+def residual_norm(z: Tensor, fz: Tensor, stop_mode: str) -> Tensor:
+    """Per-sample residual: ``||f(z) - z||`` ("abs") or that over ``||f(z)|| + 1e-9`` ("rel")."""
+    diff, size = residual_norms(z, fz)
+    return diff if stop_mode == "abs" else diff / (size + 1e-9)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
@@ -62,10 +66,22 @@ class Problem:
         self._shape, self._dtype, self._device = z0.shape, z0.dtype, z0.device
         self.active_set = active_set
         self.checkpoint = checkpoint
-        self.active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
+        self._active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
+        self._idx: Tensor | None = None  # rows still iterating, None when all are
         self.nfev = 0
         self.sample_evals = 0
         self._no_forward_ad = False
+
+    @property
+    def active(self) -> Tensor:
+        """BoolTensor[B]: the samples still iterating."""
+        return self._active
+
+    @active.setter
+    def active(self, mask: Tensor) -> None:
+        self._active = mask
+        idx = torch.nonzero(mask).flatten()
+        self._idx = None if idx.numel() == self._batch else idx
 
     # -- evaluation -------------------------------------------------------------------------
     def _call(self, z: Tensor, inputs: tuple) -> Tensor:
@@ -109,12 +125,10 @@ class Problem:
 
     def evaluate(self, z: Tensor, previous: Tensor | None) -> Tensor:
         """f(z) for the active samples; stopped samples keep ``previous`` (active set only)."""
-        if not self.active_set or previous is None:
+        idx = self._idx
+        if not self.active_set or previous is None or idx is None:
             return self.f(z)
-        n_active = int(self.active.sum())
-        if n_active == self._batch:
-            return self.f(z)
-        idx = torch.nonzero(self.active).flatten()
+        n_active = idx.numel()
         inputs = tuple(
             x.index_select(0, idx) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == self._batch else x
             for x in self._inputs
@@ -122,7 +136,14 @@ class Problem:
         self.nfev += 1
         self.sample_evals += n_active
         with rows_scope(idx):
-            out = self._call(z.index_select(0, idx), inputs)
+            try:
+                out = self._call(z.index_select(0, idx), inputs)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"f failed when called on {n_active} of {self._batch} samples (active_set=True): {err}. "
+                    "With active_set=True, pass per-sample inputs through `inputs=` instead of capturing "
+                    "them in f, so their rows are sliced along with z's."
+                ) from err
         return previous.index_copy(0, idx, out)
 
     def jvp(self, z: Tensor, v: Tensor, fz: Tensor | None = None, method: str = "auto") -> Tensor:
@@ -182,57 +203,71 @@ def iterate(
     divergence: float | None,
     trajectory: int = 0,
 ) -> LoopOutput:
-    """Run ``solver`` from ``z0`` until every sample has stopped or ``max_steps`` have run."""
+    """Run ``solver`` from ``z0`` until every sample has stopped or ``max_steps`` have run.
+
+    Per-sample bookkeeping (status, steps, best residual, trace) lives in small host-side
+    numpy arrays: one device-to-host copy of the residual per iteration (the stopping decision
+    needs it anyway) replaces a few dozen tiny tensor operations.
+    """
     batch = z0.shape[0]
     device = z0.device
     z = z0
     fz = problem.evaluate(z, None)
     state = solver.init(z, fz, problem)
 
-    status = torch.full((batch,), _RUNNING, dtype=torch.long, device=device)
-    steps = torch.zeros(batch, dtype=torch.long, device=device)
-    best_res = torch.full((batch,), float("inf"), dtype=torch.promote_types(z0.dtype, torch.float32), device=device)
-    first_res = None
+    status = np.full(batch, _RUNNING, dtype=np.int64)
+    steps = np.zeros(batch, dtype=np.int64)
+    best_res = np.full(batch, np.inf)
+    first_diff = None
     best_z, best_fz = z, fz
-    trace: list[Tensor] = []
-    kept: collections.deque = collections.deque(maxlen=trajectory) if trajectory else collections.deque(maxlen=0)
-    active = problem.active
+    trace: list[np.ndarray] = []
+    kept: collections.deque = collections.deque(maxlen=trajectory)
+    active = np.ones(batch, dtype=bool)
+    res_dtype = torch.promote_types(z0.dtype, torch.float32)
+
+    def device_mask(mask: np.ndarray) -> Tensor:
+        return torch.from_numpy(mask).to(device)
 
     for it in range(1, max_steps + 1):
-        res = residual_norm(z, fz, stop_mode)
-        steps = steps + active.long()
-        finite = torch.isfinite(res)
-        res_kept = torch.where(active, res, best_res)  # stopped samples keep their last value
-        trace.append(res_kept)
+        # one device-to-host copy: absolute residual and size of f(z), per sample
+        diff, size = torch.stack(residual_norms(z, fz)).cpu().numpy().astype(np.float64)
+        res = diff if stop_mode == "abs" else diff / (size + 1e-9)
+        steps += active
+        finite = np.isfinite(res)
+        trace.append(np.where(active, res, best_res))  # stopped samples keep their last value
 
         improved = active & finite & (res < best_res)
-        n_improved = int(improved.sum())
-        if n_improved == batch:  # the common case costs no copy
-            best_z, best_fz, best_res = z, fz, res
-        elif n_improved:
-            best_z = torch.where(_rows(improved, z), z, best_z)
-            best_fz = torch.where(_rows(improved, fz), fz, best_fz)
-            best_res = torch.where(improved, res, best_res)
+        if improved.all():  # the common case costs no copy
+            best_z, best_fz = z, fz
+        elif improved.any():
+            rows = _rows(device_mask(improved), z)
+            best_z = torch.where(rows, z, best_z)
+            best_fz = torch.where(rows, fz, best_fz)
+        best_res = np.where(improved, res, best_res)
 
-        if first_res is None:
-            first_res = torch.where(finite, res, torch.zeros_like(res))
-        new_status = torch.where(res <= tol, Result.SUCCESS, _RUNNING)
-        if divergence is not None:
-            new_status = torch.where(res > divergence * first_res.clamp_min(tol), Result.DIVERGED, new_status)
-        new_status = torch.where(finite, new_status, Result.NONFINITE)
-        status = torch.where(active, new_status, status)
+        if first_diff is None:
+            first_diff = np.where(np.isfinite(diff), diff, 0.0)
+        new_status = np.where(res <= tol, int(Result.SUCCESS), _RUNNING)
+        if divergence is not None:  # judged on the absolute residual in either stop_mode
+            floor = np.maximum(first_diff, np.finfo(np.float64).tiny)
+            new_status = np.where(diff > divergence * floor, int(Result.DIVERGED), new_status)
+        new_status = np.where(finite, new_status, int(Result.NONFINITE))
+        status = np.where(active, new_status, status)
         if kept.maxlen:
             kept.append(fz)
 
         bad = active & (status >= Result.DIVERGED)
-        active = status == _RUNNING
-        problem.active = active
-        n_active = int(active.sum())
-        if n_active == 0 or it == max_steps:
+        now_active = status == _RUNNING
+        changed = not np.array_equal(now_active, active)
+        active = now_active
+        if changed:
+            problem.active = device_mask(active)
+        if not active.any() or it == max_steps:
             break
-        if bool(bad.any()):  # a failed sample rests at its best iterate, so it cannot spread NaN
-            z = torch.where(_rows(bad, z), best_z, z)
-            fz = torch.where(_rows(bad, fz), best_fz, fz)
+        if bad.any():  # a failed sample rests at its best iterate, so it cannot spread NaN
+            rows = _rows(device_mask(bad), z)
+            z = torch.where(rows, best_z, z)
+            fz = torch.where(rows, best_fz, fz)
 
         z_next, state = solver.step(z, fz, state, problem)
         if z_next.shape != z.shape or z_next.dtype != z.dtype:
@@ -240,17 +275,18 @@ def iterate(
                 f"solver {solver!r} returned an iterate of shape {tuple(z_next.shape)} and dtype "
                 f"{z_next.dtype}; expected {tuple(z.shape)} and {z.dtype}"
             )
-        z = z_next if n_active == batch else torch.where(_rows(active, z), z_next, z)
+        z = z_next if active.all() else torch.where(_rows(problem.active, z), z_next, z)
         fz = problem.evaluate(z, fz)
 
-    status = torch.where(status == _RUNNING, int(Result.MAX_STEPS), status)
+    status = np.where(status == _RUNNING, int(Result.MAX_STEPS), status)
+    final = np.where(np.isfinite(best_res), best_res, res)
     return LoopOutput(
         best_z=best_z,
         best_fz=best_fz,
-        residual=torch.where(torch.isfinite(best_res), best_res, res),
-        status=status,
-        steps=steps,
-        trace=torch.stack(trace, dim=1).detach(),
+        residual=torch.from_numpy(final).to(device=device, dtype=res_dtype),
+        status=torch.from_numpy(status).to(device),
+        steps=torch.from_numpy(steps).to(device),
+        trace=torch.from_numpy(np.stack(trace, axis=1)).to(device=device, dtype=res_dtype),
         trajectory=tuple(kept),
         nfev=problem.nfev,
         sample_evals=problem.sample_evals,

@@ -6,7 +6,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from ._backward import AbstractBackward
 from ._result import Solution
@@ -75,12 +74,20 @@ class DEQ(nn.Module):
             divergence=divergence, trajectory=trajectory, throw=throw,
         )
         # Check the options now, not at the first forward.
-        if not (isinstance(tol, (int, float)) and tol > 0):
+        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be a number > 0, got {tol!r}")
         if stop_mode not in ("abs", "rel"):
             raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+        if divergence is not None and (isinstance(divergence, bool) or not (isinstance(divergence, (int, float)) and divergence > 1)):
+            raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
+        if isinstance(trajectory, bool) or not isinstance(trajectory, int) or trajectory < 0:
+            raise ValueError(f"trajectory must be an integer >= 0, got {trajectory!r}")
+        if solver is not None and (isinstance(solver, type) or not (hasattr(solver, "init") and hasattr(solver, "step"))):
+            raise TypeError(f"solver must be a solver object with init() and step() (e.g. deqkit.Anderson()), got {solver!r}")
+        if backward is not None and not isinstance(backward, AbstractBackward):
+            raise TypeError(f"backward must be a backward-mode object (e.g. deqkit.Implicit()), got {backward!r}")
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -103,5 +110,7 @@ class DEQ(nn.Module):
             z0 = z0.value
         z0 = self._start(inputs) if z0 is None else z0.detach()
         options = {**self.options, "solver": self.solver, "backward": self.backward, **overrides}
-        with parametrize.cached():  # normalised weights are computed once per solve
-            return fixed_point(self.cell, z0, inputs=inputs, **options)
+        # fixed_point caches normalised weights once per solve itself; an outer
+        # parametrize.cached() here would hand the backward mode the weights computed under
+        # no_grad, and the normalised weights would get no gradient.
+        return fixed_point(self.cell, z0, inputs=inputs, **options)

@@ -20,7 +20,7 @@ class Result(enum.IntEnum):
     MAX_STEPS = 1
     """``max_steps`` iterations ran without reaching ``tol``; the best iterate is returned."""
     DIVERGED = 2
-    """The residual grew past ``divergence`` times its first value; iteration stopped."""
+    """The absolute residual grew past ``divergence`` times its first value; iteration stopped."""
     NONFINITE = 3
     """``f`` returned NaN or Inf; the best finite iterate is returned."""
 
@@ -32,7 +32,7 @@ class Result(enum.IntEnum):
 _MESSAGES = {
     Result.SUCCESS: "the residual reached the tolerance",
     Result.MAX_STEPS: "max_steps was reached before the residual fell to the tolerance",
-    Result.DIVERGED: "the residual grew past `divergence` times its first value",
+    Result.DIVERGED: "the absolute residual ||f(z) - z|| grew past `divergence` times its first value",
     Result.NONFINITE: "f returned a non-finite value (NaN or Inf)",
 }
 
@@ -74,7 +74,7 @@ class Stats:
     status: Tensor
     """LongTensor[B]: each sample's ``Result`` code."""
     trace: Tensor
-    """Tensor[B, T]: residual after each iteration; a sample that stopped keeps its last value."""
+    """Tensor[B, T]: residual after each iteration; after a sample stops, its best residual."""
     stop_mode: str
     tol: float
     sample_evals: int

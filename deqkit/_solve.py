@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from ._context import solve_scope
 from ._backward import AbstractBackward, Implicit, Unrolled
@@ -84,8 +85,8 @@ def fixed_point(
         tol, stop_mode, max_steps: the stopping rule and the iteration budget (calls of f).
         active_set: call f only on the samples still iterating. Only for maps without
             cross-sample coupling (no batch norm).
-        divergence: a sample whose residual grows past this factor times its first residual
-            stops with DIVERGED (None: never).
+        divergence: a sample whose absolute residual ``||f(z) - z||`` grows past this factor
+            times its first value stops with DIVERGED (None: never), whatever ``stop_mode``.
         trajectory: keep the last ``trajectory`` images ``f(z_k)`` in ``Solution.trajectory``
             (with gradients under ``Unrolled``; ``Phantom`` returns its own steps).
         throw: raise ``SolveError`` on NONFINITE or DIVERGED (else return the code).
@@ -117,7 +118,10 @@ def _solve(f, z0, inputs, solver, backward, tol, stop_mode, max_steps, active_se
     record = backward.records_forward and torch.is_grad_enabled()
     grad_ctx = contextlib.nullcontext() if record else torch.no_grad()
 
-    with grad_ctx:
+    # Parametrised weights (deqkit.nn.apply_norm) are computed once per solve, not once per
+    # iteration. The cache must not outlive the forward solve: under no_grad it holds weights
+    # without a graph, and the backward mode's own calls below need them with theirs.
+    with grad_ctx, parametrize.cached():
         if isinstance(solver, TorchDEQSolver):
             best_z, residual, steps, trace = solver.run(problem, z0.detach() if not record else z0, tol=tol, stop_mode=stop_mode, max_steps=max_steps)
             best_fz = problem.f(best_z)
@@ -148,7 +152,8 @@ def _solve(f, z0, inputs, solver, backward, tol, stop_mode, max_steps, active_se
     value = best_fz
     if torch.is_grad_enabled() and not backward.records_forward:
         attach_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
-        value, extra = backward.attach(attach_problem.f, best_z, best_fz, stats, throw)
+        with parametrize.cached():  # a fresh cache: these weights carry their graph
+            value, extra = backward.attach(attach_problem.f, best_z, best_fz, stats, throw)
         if extra:
             kept = extra[-trajectory:] if trajectory else ()
         object.__setattr__(stats, "nfev", stats.nfev + attach_problem.nfev)

@@ -26,9 +26,11 @@ class Broyden(AbstractSolver):
     """Broyden's quasi-Newton method with a limited-memory inverse Jacobian.
 
     Solves ``g(z) = f(z) - z = 0`` with ``z <- z - J^-1 g(z)``, where ``J^-1 = -I + sum u_i v_i^T``
-    is built from rank-one ("good" Broyden) updates, keeping the last ``memory`` of them (a
-    ring buffer, so memory is ``2 * memory * d`` per sample whatever ``max_steps`` is; no dense
-    ``d x d`` matrix is ever formed). One step costs about ``4 * memory * d`` multiply-adds.
+    is built from rank-one ("good" Broyden) updates. When ``memory`` updates are stored the
+    estimate restarts from ``-I`` (each update is built on the ones before it, so old ones
+    cannot be dropped singly); memory is ``2 * memory * d`` per sample whatever ``max_steps``
+    is, and no dense ``d x d`` matrix is ever formed. One step costs about ``4 k d``
+    multiply-adds with ``k`` updates stored.
 
     Prefer it to ``Anderson`` on smooth maps where f is costly and a quasi-Newton model pays
     off; prefer ``FixedPoint`` on fast-contracting maps.
@@ -69,22 +71,27 @@ class Broyden(AbstractSolver):
 
         dx = x - state.x
         dg = g - state.g
-        jinv_g_old = self._matvec(state.u, state.vt, g)          # J_old^-1 g
-        jinv_dg = jinv_g_old - state.jinv_g                      # J_old^-1 dg
-        vt_new = -dx + combine(rows_dot(state.u, dx), state.vt)  # dx^T J_old^-1
+        u, vt, jinv_g_prev = state.u, state.vt, state.jinv_g
+        slot = state.count % self.memory
+        if slot == 0 and state.count > 0:
+            # Memory full: restart from J^-1 = -I. (Dropping only the oldest update would
+            # leave the later ones, each built on top of it, inconsistent.)
+            u, vt = torch.zeros_like(u), torch.zeros_like(vt)
+            jinv_g_prev = -state.g
+        jinv_g_old = self._matvec(u, vt, g)                      # J_old^-1 g
+        jinv_dg = jinv_g_old - jinv_g_prev                       # J_old^-1 dg
+        vt_new = -dx + combine(rows_dot(u, dx), vt)              # dx^T J_old^-1
         denom = batched_dot(vt_new, dg)
-        ok = torch.isfinite(denom) & (denom.abs() > torch.finfo(dt).eps * (vt_new.norm(dim=1) * dg.norm(dim=1)).clamp_min(torch.finfo(dt).tiny))
+        tiny = torch.finfo(dt).tiny
+        scale = torch.linalg.vector_norm(vt_new, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+        ok = torch.isfinite(denom) & (denom.abs() > torch.finfo(dt).eps * scale.clamp_min(tiny))
         safe = torch.where(ok, denom, torch.ones_like(denom))
         u_new = torch.where(ok.unsqueeze(1), (dx - jinv_dg) / safe.unsqueeze(1), torch.zeros_like(dx))
         vt_new = torch.where(ok.unsqueeze(1), vt_new, torch.zeros_like(vt_new))
 
-        slot = state.count % self.memory
-        u = _write(state.u, slot, u_new, 1)
-        vt = _write(state.vt, slot, vt_new, 1)
-        # J_new^-1 g = J_old^-1 g + u_new (v_new^T g), minus the overwritten slot's term
-        jinv_g = jinv_g_old + u_new * batched_dot(vt_new, g).unsqueeze(1)
-        if state.count >= self.memory:  # the ring buffer dropped an old update: recompute
-            jinv_g = self._matvec(u, vt, g)
+        u = _write(u, slot, u_new, 1)
+        vt = _write(vt, slot, vt_new, 1)
+        jinv_g = jinv_g_old + u_new * batched_dot(vt_new, g).unsqueeze(1)  # J_new^-1 g
         z_next = x - jinv_g
         return z_next.reshape(z.shape).to(z.dtype), BroydenState(u, vt, x, g, jinv_g, state.count + 1)
 

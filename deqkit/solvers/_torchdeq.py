@@ -69,13 +69,27 @@ class TorchDEQSolver(AbstractSolver):
         raise RuntimeError("TorchDEQSolver runs torchdeq's loop; it is driven through run()")
 
     def run(self, problem, z0, *, tol, stop_mode, max_steps):
-        """Solve with torchdeq; return (best_z, residual, steps, trace)."""
+        """Solve with torchdeq; return (best_z, residual, steps, trace).
+
+        The trace is deqkit's own: the residual of every call torchdeq made, in ``stop_mode``
+        (torchdeq's trace starts with a placeholder and is padded to ``max_iter``).
+        """
+        from .._loop import residual_norm
+
         fn = _import_torchdeq().get_solver(self.name)
-        z, _, info = fn(problem.f, z0, max_iter=max_steps, tol=tol, stop_mode=stop_mode, **dict(self.kwargs))
+        history = []
+
+        def func(z):
+            z = z.reshape(z0.shape)
+            out = problem.f(z)
+            history.append(residual_norm(z, out, stop_mode))
+            return out
+
+        z, _, info = fn(func, z0, max_iter=max_steps, tol=tol, stop_mode=stop_mode, **dict(self.kwargs))
         z = z.reshape(z0.shape)
-        trace = info[f"{stop_mode}_trace"].to(z0.device)
-        trace = trace[:, : max(problem.nfev, 1)] if trace.shape[1] > problem.nfev else trace
-        below = trace <= tol
-        first = torch.where(below.any(dim=1), below.float().argmax(dim=1) + 1, torch.full_like(below[:, 0], trace.shape[1], dtype=torch.long))
-        residual = info[f"{stop_mode}_lowest"].reshape(-1).to(trace.dtype)
-        return z, residual, first.long(), trace
+        trace = torch.stack(history, dim=1)
+        best = torch.cummin(trace, dim=1).values
+        below = best <= tol
+        steps = torch.where(below.any(dim=1), below.float().argmax(dim=1) + 1, torch.full_like(below[:, 0], trace.shape[1], dtype=torch.long))
+        residual = info[f"{stop_mode}_lowest"].reshape(-1).to(device=trace.device, dtype=trace.dtype)
+        return z, residual, steps.long(), trace

@@ -1,0 +1,44 @@
+"""Shared tables of the deqkit test suite: the solvers every generic test runs over.
+
+Warnings are errors (``filterwarnings = error`` in pyproject.toml). Problems live in
+``tests/_zoo.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deqkit
+
+# The tests use tiny tensors: extra threads only add scheduling noise (and, on some machines,
+# long stalls in small matrix products).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _warn_always():
+    """Make torch's once-per-process warnings fire every time, so no test depends on order."""
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    yield
+    torch.set_warn_always(before)
+
+# The solver table: a new solver added here inherits every generic test.
+SOLVERS = [
+    pytest.param(deqkit.FixedPoint(), id="fixed_point"),
+    pytest.param(deqkit.FixedPoint(damping=0.7), id="fixed_point_damped"),
+    pytest.param(deqkit.Anderson(m=5), id="anderson"),
+    pytest.param(deqkit.Broyden(memory=10), id="broyden"),
+    pytest.param(deqkit.NewtonKrylov(krylov_dim=20, krylov_rtol=1e-6), id="newton_krylov"),
+]
+
+# Solvers whose per-sample arithmetic never looks at other samples, so that a sample takes the
+# same number of steps in a batch as alone. (NewtonKrylov's GMRES runs until every sample of
+# the batch meets krylov_rtol, so its steps may differ from a lone solve.)
+PER_SAMPLE_SOLVERS = [
+    pytest.param(deqkit.FixedPoint(), id="fixed_point"),
+    pytest.param(deqkit.FixedPoint(damping=0.7), id="fixed_point_damped"),
+    pytest.param(deqkit.Anderson(m=5), id="anderson"),
+    pytest.param(deqkit.Broyden(memory=10), id="broyden"),
+]
