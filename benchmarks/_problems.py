@@ -45,7 +45,7 @@ def tanh_layer(rho: float, dim: int = 256, batch: int = 32, seed: int = 0) -> Pr
 def heterogeneous(dim: int = 256, batch: int = 32, seed: int = 0, low: float = 0.3, high: float = 0.98) -> Problem:
     """z_i = tanh(c_i W z_i + x_i): per-sample contraction c_i spread from low to high."""
     g = torch.Generator().manual_seed(seed)
-    w = _spectral_scale(torch.randn(dim, dim, generator=g), 1.0)
+    w, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))  # orthogonal: every direction contracts at c_i
     x = 0.3 * torch.randn(batch, dim, generator=g)
     # most samples contract fast; a few are slow (the case active sets are for)
     c = torch.cat([torch.linspace(low, 0.6, batch - batch // 8), torch.linspace(0.9, high, batch // 8)])

@@ -50,18 +50,23 @@ def apply_norm(
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     names, exclude = tuple(names), set(exclude)
-    touched = 0
+    touched = already = 0
     for qual, sub in module.named_modules():
         if qual in exclude or not isinstance(sub, types):
             continue
         for name in names:
-            if getattr(sub, name, None) is None or parametrize.is_parametrized(sub, name):
+            if parametrize.is_parametrized(sub, name):
+                already += 1
+                continue
+            if getattr(sub, name, None) is None:
                 continue
             if kind == "weight":
                 parametrizations.weight_norm(sub, name)
             else:
                 parametrizations.spectral_norm(sub, name)
             touched += 1
+    if touched == 0 and already:
+        raise ValueError(f"apply_norm: every matching parameter {names} is already parametrised; call remove_norm first")
     if touched == 0:
         raise ValueError(f"apply_norm found no parameter {names} in submodules of types {[t.__name__ for t in types]}")
     return module

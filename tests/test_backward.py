@@ -13,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import deqkit
 
@@ -147,6 +149,26 @@ def test_implicit_equals_analytic_ift_on_affine_map(solver, adjoint_solver):
         torch.testing.assert_close(ga, u.T @ z_star, rtol=1e-6, atol=1e-10)  # sum_b u z*^T
         torch.testing.assert_close(gb, u.T @ x, rtol=1e-6, atol=1e-10)       # sum_b u x^T
         torch.testing.assert_close(gx, u @ b, rtol=1e-6, atol=1e-10)         # B^T u per sample
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 3), dim=st.integers(1, 5), contraction=st.floats(0.0, 0.9),
+       seed=st.integers(0, 2**16), stop_mode=st.sampled_from(["abs", "rel"]))
+def test_implicit_gradient_of_any_contractive_affine_map(batch, dim, contraction, seed, stop_mode):
+    a = scaled(dim, contraction, seed) if contraction > 0 else torch.zeros(dim, dim, dtype=F64)
+    a.requires_grad_(True)
+    x = torch.randn(batch, dim, generator=gen(seed + 1), dtype=F64).requires_grad_(True)
+    g = torch.randn(batch, dim, generator=gen(seed + 2), dtype=F64)
+    sol = deqkit.fixed_point(lambda z, a, x: z @ a.T + x, torch.zeros(batch, dim, dtype=F64), inputs=(a, x),
+                             tol=1e-12, stop_mode=stop_mode, max_steps=300,
+                             backward=deqkit.Implicit(tol=1e-12, stop_mode=stop_mode, max_steps=300))
+    ga, gx = torch.autograd.grad((sol.value * g).sum(), (a, x))
+    with torch.no_grad():
+        eye = torch.eye(dim, dtype=F64)
+        z_star = torch.linalg.solve(eye - a, x.T).T
+        u = torch.linalg.solve(eye - a.T, g.T).T
+        torch.testing.assert_close(gx, u, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ga, u.T @ z_star, rtol=1e-6, atol=1e-9)
 
 
 def test_implicit_matches_unrolled_and_finite_differences():
@@ -391,7 +413,8 @@ def test_no_grad_returns_a_plain_value():
 def test_eval_mode_still_builds_the_graph(backward):
     cell = TanhModule().eval()
     x = torch.randn(2, 4, generator=gen(25), dtype=F64).requires_grad_(True)
-    sol = deqkit.fixed_point(cell, torch.zeros(2, 4, dtype=F64), inputs=(x,), backward=backward, tol=1e-8, max_steps=100)
+    sol = deqkit.fixed_point(cell, torch.zeros(2, 4, dtype=F64), inputs=(x,), backward=backward,
+                             tol=1e-8, max_steps=100)
     assert sol.value.requires_grad
     (gx,) = torch.autograd.grad(sol.value.sum(), x)
     assert torch.isfinite(gx).all() and gx.abs().sum() > 0
@@ -403,7 +426,8 @@ def test_eval_mode_still_builds_the_graph(backward):
     assert not sol.value.requires_grad
 
     # Frozen parameters, input with grad: the gradient still reaches the input.
-    sol = deqkit.fixed_point(cell, torch.zeros(2, 4, dtype=F64), inputs=(x,), backward=backward, tol=1e-8, max_steps=100)
+    sol = deqkit.fixed_point(cell, torch.zeros(2, 4, dtype=F64), inputs=(x,), backward=backward,
+                             tol=1e-8, max_steps=100)
     (gx_frozen,) = torch.autograd.grad(sol.value.sum(), x)
     torch.testing.assert_close(gx_frozen, gx, rtol=1e-5, atol=1e-8)
 

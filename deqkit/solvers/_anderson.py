@@ -12,21 +12,21 @@ from ._base import AbstractSolver, check_positive, check_positive_int, check_uni
 
 
 class AndersonState(NamedTuple):
-    x: Tensor        # (B, m, d) past iterates
-    g: Tensor        # (B, m, d) past residuals f(x) - x
+    f: Tensor        # (B, m, d) past images f(x_i)
+    g: Tensor        # (B, m, d) past residuals g_i = f(x_i) - x_i
     gram: Tensor     # (B, m, m) g g^T
-    valid: Tensor    # (B, m) slots in use, per sample
+    valid: Tensor    # (B, m) 1.0 for slots in use, per sample, else 0.0
     best: Tensor     # (B,) smallest residual norm seen since the last restart
     count: int       # steps taken (the next slot is count % m)
 
 
-def _write(buf: Tensor, index: int, value: Tensor, dim: int) -> Tensor:
-    """buf with ``value`` placed at ``index`` along ``dim``; in place only when autograd is off."""
-    if torch.is_grad_enabled() and (buf.requires_grad or value.requires_grad):
-        idx = torch.tensor([index], device=buf.device)
-        return buf.index_copy(dim, idx, value.unsqueeze(dim))
-    buf.select(dim, index).copy_(value)
-    return buf
+def _write(buf: Tensor, index: int, value: Tensor, dim: int, inplace: bool) -> Tensor:
+    """buf with ``value`` placed at ``index`` along ``dim``: in place, or out of place for autograd."""
+    if inplace:
+        buf.select(dim, index).copy_(value)
+        return buf
+    idx = torch.tensor([index], device=buf.device)
+    return buf.index_copy(dim, idx, value.unsqueeze(dim))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,43 +78,49 @@ class Anderson(AbstractSolver):
         b, d = z.shape[0], z[0].numel()
         dt = work_dtype(z.dtype)
         return AndersonState(
-            x=z.new_zeros((b, self.m, d), dtype=dt),
+            f=z.new_zeros((b, self.m, d), dtype=dt),
             g=z.new_zeros((b, self.m, d), dtype=dt),
             gram=z.new_zeros((b, self.m, self.m), dtype=dt),
-            valid=torch.zeros((b, self.m), dtype=torch.bool, device=z.device),
+            valid=z.new_zeros((b, self.m), dtype=dt),
             best=torch.full((b,), float("inf"), dtype=dt, device=z.device),
             count=0,
         )
 
     def step(self, z: Tensor, fz: Tensor, state: AndersonState, problem):
         b, m = z.shape[0], self.m
-        dt = state.x.dtype
-        x = z.reshape(b, -1).to(dt)
-        g = fz.reshape(b, -1).to(dt) - x
+        dt = state.f.dtype
+        inplace = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad or state.f.requires_grad))
+        x, fx = z.reshape(b, -1), fz.reshape(b, -1)
+        if x.dtype != dt:
+            x, fx = x.to(dt), fx.to(dt)
+        g = fx - x
         slot = state.count % m
 
-        # Safeguard: restart the samples whose residual grew too much since their best.
+        # Safeguard: a sample whose residual grew past `restart` times its best (or is NaN)
+        # forgets its memory.
         norm = torch.linalg.vector_norm(g, dim=1)
-        grew = ~(norm <= self.restart * state.best)  # also true for NaN
-        valid = state.valid & ~grew.unsqueeze(1)
-        best = torch.where(grew, norm, torch.minimum(norm, state.best))
+        keep = norm <= self.restart * state.best
+        best = torch.where(keep, torch.minimum(norm, state.best), norm)
+        valid = state.valid * keep.unsqueeze(1)
 
-        xs = _write(state.x, slot, x, 1)
-        gs = _write(state.g, slot, g, 1)
-        row = rows_dot(gs, g)  # new row and column of the Gram matrix
-        gram = _write(state.gram, slot, row, 1)
-        gram = _write(gram, slot, row, 2)
-        valid = _write(valid.clone() if valid is state.valid else valid, slot, torch.ones(b, dtype=torch.bool, device=z.device), 1)
+        fs = _write(state.f, slot, fx, 1, inplace)
+        gs = _write(state.g, slot, g, 1, inplace)
+        row = torch.bmm(g.unsqueeze(1), gs.transpose(1, 2)).squeeze(1)  # new row/column of g g^T
+        gram = _write(state.gram, slot, row, 1, inplace)
+        gram = _write(gram, slot, row, 2, inplace)
+        onehot = torch.zeros(m, dtype=dt, device=z.device)
+        onehot[slot] = 1.0
+        valid = torch.maximum(valid, onehot)
 
         alpha = self._weights(gram, valid)
-        z_next = combine(alpha, xs) + self.beta * combine(alpha, gs)
-        plain = ~torch.isfinite(alpha).all(dim=1)
-        if bool(plain.any()):  # a failed solve: fall back to a plain step and forget the past
-            z_next = torch.where(plain.unsqueeze(1), x + self.beta * g, z_next)
-            only_now = torch.zeros_like(valid)
-            only_now[:, slot] = True
-            valid = torch.where(plain.unsqueeze(1), only_now, valid)
-        state = AndersonState(xs, gs, gram, valid, best, state.count + 1)
+        # A failed solve (NaN weights): take a plain step (weight 1 on the newest slot) and restart.
+        failed = ~torch.isfinite(alpha.sum(dim=1, keepdim=True))
+        alpha = torch.where(failed, onehot, alpha)
+        valid = torch.where(failed, onehot, valid)
+        z_next = combine(alpha, fs)  # sum_i alpha_i f(x_i) = sum_i alpha_i (x_i + g_i)
+        if self.beta != 1.0:
+            z_next = z_next - (1 - self.beta) * combine(alpha, gs)
+        state = AndersonState(fs, gs, gram, valid, best, state.count + 1)
         return z_next.reshape(z.shape).to(z.dtype), state
 
     def _weights(self, gram: Tensor, valid: Tensor) -> Tensor:
@@ -122,18 +128,13 @@ class Anderson(AbstractSolver):
 
         H is scaled to unit diagonal (Jacobi) before ``lam`` is added, so the regularisation is
         relative to each residual's own size: it never swamps the small, recent residuals
-        (a fixed absolute ``lam`` does, and stalls the solve near convergence).
+        (a fixed absolute ``lam`` does, and stalls the solve near convergence). Unused slots
+        get an identity row and a zero right-hand side, so their weight is 0.
         """
-        vm = valid.to(gram.dtype)
-        diag = torch.diagonal(gram, dim1=1, dim2=2)
         tiny = torch.finfo(gram.dtype).tiny ** 0.5
-        d = torch.where(valid, diag.clamp_min(tiny).rsqrt(), torch.zeros_like(diag))  # D^-1/2
-        h = gram * (d.unsqueeze(2) * d.unsqueeze(1))
-        eye = torch.eye(self.m, dtype=gram.dtype, device=gram.device)
-        h = h + eye * (self.lam * vm + (1 - vm)).unsqueeze(2)  # unused slots: identity, weight 0
-        y, info = torch.linalg.solve_ex(h, d.unsqueeze(2))
+        d = valid * torch.diagonal(gram, dim1=1, dim2=2).clamp_min(tiny).rsqrt()  # D^-1/2
+        h = gram * d.unsqueeze(2) * d.unsqueeze(1)
+        h.diagonal(dim1=1, dim2=2).add_(valid * (self.lam - 1) + 1)
+        y, _ = torch.linalg.solve_ex(h, d.unsqueeze(2))
         sol = y.squeeze(2) * d
-        total = sol.sum(dim=1, keepdim=True)
-        alpha = sol / total
-        bad = (info != 0) | ~torch.isfinite(total.squeeze(1)) | (total.squeeze(1).abs() < tiny)
-        return torch.where(bad.unsqueeze(1), torch.full_like(alpha, float("nan")), alpha)
+        return sol / sol.sum(dim=1, keepdim=True)

@@ -89,8 +89,9 @@ class Broyden(AbstractSolver):
         u_new = torch.where(ok.unsqueeze(1), (dx - jinv_dg) / safe.unsqueeze(1), torch.zeros_like(dx))
         vt_new = torch.where(ok.unsqueeze(1), vt_new, torch.zeros_like(vt_new))
 
-        u = _write(u, slot, u_new, 1)
-        vt = _write(vt, slot, vt_new, 1)
+        inplace = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad or u.requires_grad))
+        u = _write(u, slot, u_new, 1, inplace)
+        vt = _write(vt, slot, vt_new, 1, inplace)
         jinv_g = jinv_g_old + u_new * batched_dot(vt_new, g).unsqueeze(1)  # J_new^-1 g
         z_next = x - jinv_g
         return z_next.reshape(z.shape).to(z.dtype), BroydenState(u, vt, x, g, jinv_g, state.count + 1)
