@@ -22,6 +22,7 @@ from ._context import rows_scope
 from ._result import Result
 
 _RUNNING = -1
+_SUCCESS, _DIVERGED, _NONFINITE, _MAX_STEPS = (int(r) for r in (Result.SUCCESS, Result.DIVERGED, Result.NONFINITE, Result.MAX_STEPS))
 
 
 def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,7 +219,7 @@ def iterate(
     status = np.full(batch, _RUNNING, dtype=np.int64)
     steps = np.zeros(batch, dtype=np.int64)
     best_res = np.full(batch, np.inf)
-    first_diff = None
+    diverged_above = None
     best_z, best_fz = z, fz
     trace: list[np.ndarray] = []
     kept: collections.deque = collections.deque(maxlen=trajectory)
@@ -234,7 +235,7 @@ def iterate(
         res = diff if stop_mode == "abs" else diff / (size + 1e-9)
         steps += active
         finite = np.isfinite(res)
-        trace.append(np.where(active, res, best_res))  # stopped samples keep their last value
+        trace.append(np.where(active, res, best_res))  # stopped samples keep their best value
 
         improved = active & finite & (res < best_res)
         if improved.all():  # the common case costs no copy
@@ -245,18 +246,17 @@ def iterate(
             best_fz = torch.where(rows, fz, best_fz)
         best_res = np.where(improved, res, best_res)
 
-        if first_diff is None:
-            first_diff = np.where(np.isfinite(diff), diff, 0.0)
-        new_status = np.where(res <= tol, int(Result.SUCCESS), _RUNNING)
+        if diverged_above is None and divergence is not None:  # from the first residual
+            diverged_above = divergence * np.maximum(np.where(np.isfinite(diff), diff, 0.0), np.finfo(np.float64).tiny)
+        new_status = np.where(res <= tol, _SUCCESS, _RUNNING)
         if divergence is not None:  # judged on the absolute residual in either stop_mode
-            floor = np.maximum(first_diff, np.finfo(np.float64).tiny)
-            new_status = np.where(diff > divergence * floor, int(Result.DIVERGED), new_status)
-        new_status = np.where(finite, new_status, int(Result.NONFINITE))
+            new_status = np.where(diff > diverged_above, _DIVERGED, new_status)
+        new_status = np.where(finite, new_status, _NONFINITE)
         status = np.where(active, new_status, status)
         if kept.maxlen:
             kept.append(fz)
 
-        bad = active & (status >= Result.DIVERGED)
+        bad = active & (status >= _DIVERGED)
         now_active = status == _RUNNING
         changed = not np.array_equal(now_active, active)
         active = now_active
@@ -278,7 +278,7 @@ def iterate(
         z = z_next if active.all() else torch.where(_rows(problem.active, z), z_next, z)
         fz = problem.evaluate(z, fz)
 
-    status = np.where(status == _RUNNING, int(Result.MAX_STEPS), status)
+    status = np.where(status == _RUNNING, _MAX_STEPS, status)
     final = np.where(np.isfinite(best_res), best_res, res)
     return LoopOutput(
         best_z=best_z,

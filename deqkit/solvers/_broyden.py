@@ -18,7 +18,7 @@ class BroydenState(NamedTuple):
     x: Tensor                 # (B, d) the iterate the last step was taken from
     g: Tensor                 # (B, d) its residual
     jinv_g: Tensor            # (B, d) J^-1 g at that iterate (the negated last step)
-    count: int
+    filled: int               # rank-one updates stored (slots 0 .. filled-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +67,19 @@ class Broyden(AbstractSolver):
             vt = torch.zeros_like(u)
             jinv_g = -g
             state = BroydenState(u, vt, x, g, jinv_g, 0)
-            return fz, state
+            return fz, state  # = x - (-I) g
 
         dx = x - state.x
         dg = g - state.g
-        u, vt, jinv_g_prev = state.u, state.vt, state.jinv_g
-        slot = state.count % self.memory
-        if slot == 0 and state.count > 0:
+        slot, jinv_g_prev = state.filled, state.jinv_g
+        if slot == self.memory:
             # Memory full: restart from J^-1 = -I. (Dropping only the oldest update would
             # leave the later ones, each built on top of it, inconsistent.)
-            u, vt = torch.zeros_like(u), torch.zeros_like(vt)
-            jinv_g_prev = -state.g
+            slot, jinv_g_prev = 0, -state.g
+        u, vt = state.u[:, :slot], state.vt[:, :slot]            # only the stored updates
         jinv_g_old = self._matvec(u, vt, g)                      # J_old^-1 g
         jinv_dg = jinv_g_old - jinv_g_prev                       # J_old^-1 dg
-        vt_new = -dx + combine(rows_dot(u, dx), vt)              # dx^T J_old^-1
+        vt_new = -dx + combine(rows_dot(u, dx), vt) if slot else -dx  # dx^T J_old^-1
         denom = batched_dot(vt_new, dg)
         tiny = torch.finfo(dt).tiny
         scale = torch.linalg.vector_norm(vt_new, dim=1) * torch.linalg.vector_norm(dg, dim=1)
@@ -89,14 +88,16 @@ class Broyden(AbstractSolver):
         u_new = torch.where(ok.unsqueeze(1), (dx - jinv_dg) / safe.unsqueeze(1), torch.zeros_like(dx))
         vt_new = torch.where(ok.unsqueeze(1), vt_new, torch.zeros_like(vt_new))
 
-        inplace = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad or u.requires_grad))
-        u = _write(u, slot, u_new, 1, inplace)
-        vt = _write(vt, slot, vt_new, 1, inplace)
+        inplace = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad or state.u.requires_grad))
+        u = _write(state.u, slot, u_new, 1, inplace)
+        vt = _write(state.vt, slot, vt_new, 1, inplace)
         jinv_g = jinv_g_old + u_new * batched_dot(vt_new, g).unsqueeze(1)  # J_new^-1 g
         z_next = x - jinv_g
-        return z_next.reshape(z.shape).to(z.dtype), BroydenState(u, vt, x, g, jinv_g, state.count + 1)
+        return z_next.reshape(z.shape).to(z.dtype), BroydenState(u, vt, x, g, jinv_g, slot + 1)
 
     @staticmethod
     def _matvec(u: Tensor, vt: Tensor, v: Tensor) -> Tensor:
-        """(-I + U V^T) v for each sample."""
-        return -v + combine(rows_dot(vt, v), u)
+        """(-I + U V^T) v for each sample (U, V^T may hold no update yet)."""
+        if u.shape[1] == 0:
+            return -v
+        return combine(rows_dot(vt, v), u) - v
