@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Backward cost: time, peak memory and gradient quality of each backward mode.
+
+For each backward mode (Implicit at several adjoint tolerances, Phantom with k = 1..8 steps,
+Unrolled, Unrolled with checkpointing, OneStep) and each number of forward iterations, this
+runs one training step of a small DEQ (an MDEQ-style convolutional cell) and records:
+- the time of one training step (forward + backward; median of repeats after a warm-up),
+- the peak memory of that step, measured in a fresh subprocess per configuration as the rise
+  of the process's peak resident set size (Linux: VmHWM, reset before the step),
+- the cosine similarity of the parameter gradient to a reference: Implicit at a tightly
+  converged forward solve (Anderson, rel. tol 1e-6, the float32 floor) and adjoint
+  tolerance 1e-6.
+
+The forward solve is plain iteration with an unreachable tolerance, so exactly N iterations run.
+
+Writes OUT/results.json, OUT/backward_time.png, OUT/backward_memory.png, OUT/backward_cosine.png
+and prints a markdown table.
+
+    python benchmarks/backward.py --quick --out runs/backward-quick
+    python benchmarks/backward.py --out runs/backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import deqkit
+
+HERE = Path(__file__).resolve()
+
+
+# -- the model ------------------------------------------------------------------------------
+class ConvCell(nn.Module):
+    """z -> tanh(conv(relu(GN(conv(z)))) + x): a convolutional DEQ cell that contracts
+    (spectral radius of the Jacobian about 0.8 at the fixed point with this init)."""
+
+    def __init__(self, channels: int, groups: int = 4, std: float = 0.06):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gn = nn.GroupNorm(groups, channels)
+        for conv in (self.conv1, self.conv2):
+            nn.init.normal_(conv.weight, std=std)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, z, x):
+        return torch.tanh(self.conv2(torch.relu(self.gn(self.conv1(z)))) + x)
+
+
+def build(size: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    cell = ConvCell(size["channels"])
+    x = torch.randn(size["batch"], size["channels"], size["hw"], size["hw"])
+    target = torch.randn_like(x)
+    return cell, x, target
+
+
+def make_backward(spec: dict):
+    kind = spec["mode"]
+    if kind == "implicit":
+        return deqkit.Implicit(tol=spec["tol"], max_steps=200)
+    if kind == "phantom":
+        return deqkit.Phantom(steps=spec["k"], tau=0.5)
+    if kind == "unrolled":
+        return deqkit.Unrolled(checkpoint=spec.get("checkpoint", False))
+    if kind == "onestep":
+        return deqkit.OneStep()
+    raise ValueError(f"unknown mode {kind!r}")
+
+
+def label(spec: dict) -> str:
+    kind = spec["mode"]
+    if kind == "implicit":
+        return f"Implicit(tol={spec['tol']:g})"
+    if kind == "phantom":
+        return f"Phantom(k={spec['k']})"
+    if kind == "unrolled":
+        return "Unrolled(checkpoint)" if spec.get("checkpoint") else "Unrolled"
+    return "OneStep"
+
+
+def train_step(cell, x, target, backward, solver, iters: int, tol: float):
+    cell.zero_grad(set_to_none=True)
+    sol = deqkit.fixed_point(cell, torch.zeros_like(x), inputs=(x,), solver=solver, backward=backward,
+                             tol=tol, max_steps=iters, throw=False)
+    loss = (sol.value - target).pow(2).mean()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in cell.parameters()])
+
+
+# -- worker (one configuration, fresh process) ---------------------------------------------
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(job: dict) -> dict:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:  # e.g. an adjoint solve at max_steps
+        warnings.simplefilter("always")
+        out = _work(job)
+    out["warnings"] = sorted({str(w.message) for w in record})
+    return out
+
+
+def _work(job: dict) -> dict:
+    torch.set_num_threads(job["threads"])
+    size = job["size"]
+    cell, x, target = build(size)
+    if job.get("reference"):
+        grad = train_step(cell, x, target, deqkit.Implicit(tol=1e-6, max_steps=500), deqkit.Anderson(m=5), 500, 1e-6)
+        torch.save(grad, job["reference"])
+        return {"ok": True}
+    backward = make_backward(job["spec"])
+    solver = deqkit.FixedPoint()
+    unreachable = 1e-30
+    # memory: the first step in this fresh process, as the rise of the peak RSS
+    # one short step first, so one-time costs (lazy imports, allocator set-up) are not counted
+    train_step(cell, x, target, backward, solver, 2, unreachable)
+    peak = None
+    if os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS
+        before = _rss_kib("VmRSS")
+        grad = train_step(cell, x, target, backward, solver, job["iters"], unreachable)
+        peak = (_rss_kib("VmHWM") - before) / 1024
+    else:  # pragma: no cover - not Linux
+        grad = train_step(cell, x, target, backward, solver, job["iters"], unreachable)
+    times = []
+    for _ in range(job["repeats"]):
+        t = time.perf_counter()
+        train_step(cell, x, target, backward, solver, job["iters"], unreachable)
+        times.append(time.perf_counter() - t)
+    ref = torch.load(job["reference_path"], weights_only=True)
+    cosine = float(torch.nn.functional.cosine_similarity(grad, ref, dim=0))
+    return {"step_seconds": statistics.median(times), "peak_mib": peak, "cosine": cosine,
+            "grad_finite": bool(torch.isfinite(grad).all())}
+
+
+def run_worker(job: dict) -> dict:
+    # A fixed mmap threshold makes glibc return every large block to the OS on free, so the
+    # resident set follows the live tensors and its peak measures the step's memory.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(job)],
+                          capture_output=True, text=True, timeout=1800, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed for {job}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- driver -----------------------------------------------------------------------------------
+def configurations(quick: bool) -> tuple[list[dict], list[int], dict, int]:
+    if quick:
+        specs = [{"mode": "implicit", "tol": 1e-4}, {"mode": "phantom", "k": 2}, {"mode": "unrolled"},
+                 {"mode": "unrolled", "checkpoint": True}, {"mode": "onestep"}]
+        return specs, [5, 20], {"batch": 4, "channels": 8, "hw": 8}, 1
+    specs = [{"mode": "implicit", "tol": t} for t in (1e-2, 1e-4, 1e-6)]
+    specs += [{"mode": "phantom", "k": k} for k in range(1, 9)]
+    specs += [{"mode": "unrolled"}, {"mode": "unrolled", "checkpoint": True}, {"mode": "onestep"}]
+    return specs, [10, 30, 100], {"batch": 32, "channels": 32, "hw": 16}, 3
+
+
+def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for key, ylabel, fname, logy in (("step_seconds", "seconds per training step", "backward_time.png", True),
+                                     ("peak_mib", "peak memory of the step (MiB)", "backward_memory.png", True),
+                                     ("cosine", "cosine to the implicit reference", "backward_cosine.png", False)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in dict.fromkeys(r["mode"] for r in results):
+            rows = [r for r in results if r["mode"] == name and r[key] is not None]
+            style = "-o" if not name.startswith("Phantom") else ":."
+            ax.plot([r["iters"] for r in rows], [r[key] for r in rows], style, label=name, ms=4)
+        ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xticks(iters, [str(i) for i in iters])
+        ax.set_xlabel("forward iterations")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    return files
+
+
+def table(results: list[dict], iters: list[int]) -> str:
+    head = "| mode | " + " | ".join(f"N={n}: ms / MiB / cos" for n in iters) + " |"
+    lines = [head, "|---|" + "---|" * len(iters)]
+    for name in dict.fromkeys(r["mode"] for r in results):
+        cells = []
+        for n in iters:
+            r = next(r for r in results if r["mode"] == name and r["iters"] == n)
+            mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+            cells.append(f"{1e3 * r['step_seconds']:.0f} / {mem} / {r['cosine']:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset, for smoke tests")
+    parser.add_argument("--out", type=Path, default=Path("runs/backward"), help="output folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 1 quick, 3 full)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    specs, iters, size, repeats = configurations(args.quick)
+    repeats = args.repeats or repeats
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(x, **_):
+            return x
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = str(Path(tmp) / "reference.pt")
+        run_worker({"reference": ref_path, "size": size, "threads": args.threads})
+        results = []
+        jobs = [(spec, n) for spec in specs for n in iters]
+        for spec, n in tqdm(jobs, desc="backward", unit="config"):
+            out = run_worker({"spec": spec, "iters": n, "size": size, "threads": args.threads,
+                              "repeats": repeats, "reference_path": ref_path})
+            results.append({"mode": label(spec), "spec": spec, "iters": n, **out})
+    payload = {"torch": torch.__version__, "threads": args.threads, "size": size, "iters": iters,
+               "repeats": repeats, "reference": "Implicit(tol=1e-6) at Anderson rel. tol 1e-6",
+               "results": results}
+    payload["plots"] = plot(results, iters, args.out)
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+    print(table(results, iters))
+    print(f"\nwrote {args.out / 'results.json'} and {', '.join(str(args.out / p) for p in payload['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
