@@ -24,8 +24,15 @@ class DEQ(nn.Module):
 
     Args:
         cell: ``cell(z, *inputs) -> z``.
-        solver, backward, tol, stop_mode, max_steps, active_set, divergence, trajectory,
-            throw: as in ``fixed_point``.
+        solver: the forward solver (default ``Anderson()``).
+        backward: the backward mode (default ``Implicit()``).
+        tol: per-sample tolerance, as in ``fixed_point``.
+        stop_mode: "rel" or "abs", as in ``fixed_point``.
+        max_steps: iteration budget, as in ``fixed_point``.
+        active_set: call the cell only on samples still iterating (no batch coupling).
+        divergence: the DIVERGED threshold factor, as in ``fixed_point``.
+        trajectory: number of iterates kept for deep supervision.
+        throw: raise ``SolveError`` on NONFINITE/DIVERGED.
         init: the starting point when ``forward`` gets none: "zeros" or "randn" (both
             shaped like the first input), or a callable ``init(*inputs) -> Tensor``.
 

@@ -82,7 +82,9 @@ def fixed_point(
             ``active_set=True``: their rows are sliced along with z's.
         solver: how to step (default ``Anderson()``); any object with ``init``/``step``.
         backward: how to differentiate (default ``Implicit()``).
-        tol, stop_mode, max_steps: the stopping rule and the iteration budget (calls of f).
+        tol: the tolerance on each sample's residual, > 0.
+        stop_mode: "rel" (``||f(z) - z|| / ||f(z)||``) or "abs" (``||f(z) - z||``).
+        max_steps: the iteration budget (calls of f) per solve, >= 1.
         active_set: call f only on the samples still iterating. Only for maps without
             cross-sample coupling (no batch norm).
         divergence: a sample whose absolute residual ``||f(z) - z||`` grows past this factor
