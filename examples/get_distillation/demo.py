@@ -1,0 +1,141 @@
+"""The end-to-end demo on the bundled digits: teacher -> pairs -> GET student (+ ViT) -> report.
+
+    python -m examples.get_distillation demo --out runs/demo           # about 15-20 min, 2 CPU cores
+    python -m examples.get_distillation demo --out runs/demo-quick --quick   # under a minute
+
+Every stage writes into OUT and is reused when the demo is rerun (the teacher and the
+students resume from their checkpoints, pair generation skips finished shards), so a killed
+demo continues where it stopped. The last stage always re-evaluates and writes
+OUT/report.md and OUT/report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import common, evaluate, pairs, teacher, train
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Sizes of every stage; ``quick()`` shrinks them for the tests."""
+
+    out: str
+    teacher_preset: str = "digits"
+    teacher_steps: int = 2000
+    teacher_batch: int = 128
+    num_pairs: int = 6000
+    num_heldout: int = 500
+    heun_steps: int = 18
+    student: str = "GET-Tiny/2"
+    baseline: str = "ViT-Tiny/2"
+    student_steps: int = 3000
+    student_batch: int = 64
+    student_lr: float = 1e-3
+    ema_decay: float = 0.999
+    eval_samples: int = 1000
+    sweep_samples: int = 500
+    nfe_max: int = 12
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, out: str) -> "DemoConfig":
+        return cls(out=out, teacher_preset="tiny", teacher_steps=30, teacher_batch=32, num_pairs=128,
+                   num_heldout=32, heun_steps=4, student_steps=15, student_batch=16, eval_samples=300,
+                   sweep_samples=300, nfe_max=3)
+
+
+HELDOUT_SEED_OFFSET = 10_000_000  # held-out pairs never share a seed with training pairs
+
+
+def run(config: DemoConfig, progress: bool = True) -> dict:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common.save_config(out / "demo_config.json", config)
+    timings: dict[str, float] = {}
+    cache = str(out / "cache")
+
+    def stage(name: str):
+        print(f"\n== {name} ==", flush=True)
+        return time.perf_counter()
+
+    t = stage("1/5 teacher (EDM, class-conditional, digits)")
+    tcfg = teacher.TeacherConfig(out=str(out / "teacher"), preset=config.teacher_preset, steps=config.teacher_steps,
+                                 batch=config.teacher_batch, cond=True, seed=config.seed,
+                                 ckpt_every=max(config.teacher_steps // 4, 1), sample_every=config.teacher_steps,
+                                 sample_steps=config.heun_steps)
+    teacher.train(tcfg, progress=progress)
+    ckpt = out / "teacher" / "checkpoint.pt"
+    timings["teacher"] = time.perf_counter() - t
+
+    t = stage("2/5 pairs (seeded, sharded, resumable)")
+    denoiser, info = teacher.load_teacher(ckpt)
+    shape = (info["in_channels"], info["image_size"], info["image_size"])
+    digest = common.sha256_file(ckpt)
+    for folder, num, offset in (("pairs", config.num_pairs, 0), ("pairs-heldout", config.num_heldout, HELDOUT_SEED_OFFSET)):
+        pairs.generate_pairs(denoiser, out / folder, num, shard_size=min(1000, num), batch_size=min(250, num),
+                             image_shape=shape, seed_offset=offset, num_classes=info["num_classes"],
+                             num_steps=config.heun_steps, teacher_hash=digest, progress=progress)
+    timings["pairs"] = time.perf_counter() - t
+
+    runs = []
+    for i, model in enumerate((config.student, config.baseline)):
+        t = stage(f"{3 + i}/5 student {model} (same pairs, same budget)")
+        run_dir = out / model.replace("/", "_")
+        scfg = train.TrainConfig(pairs=str(out / "pairs"), out=str(run_dir), model=model, lr=config.student_lr,
+                                 batch=config.student_batch, steps=config.student_steps, ema_decay=config.ema_decay,
+                                 seed=config.seed, log_every=max(config.student_steps // 100, 1),
+                                 sample_every=max(config.student_steps // 3, 1), ckpt_every=max(config.student_steps // 6, 1))
+        train.train(scfg, progress=progress)
+        runs.append(str(run_dir))
+        timings[model] = time.perf_counter() - t
+
+    t = stage("5/5 evaluation")
+    ecfg = evaluate.EvalConfig(run=runs[0], baselines=runs[1:], teacher=str(ckpt), heldout=str(out / "pairs-heldout"),
+                               out=str(out), num_samples=config.eval_samples, heun_steps=config.heun_steps,
+                               nfe_max=config.nfe_max, sweep_samples=config.sweep_samples, cache=cache,
+                               seed=config.seed)
+    report = evaluate.evaluate(ecfg, progress=progress)
+    timings["evaluation"] = time.perf_counter() - t
+    report["stage_seconds"] = timings
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="demo folder (rerun to reuse finished stages)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in under a minute")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
+    if args.dry_run:
+        print(json.dumps(common.config_to_dict(config), indent=2))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    report = run(config)
+    out = Path(config.out)
+    print("\n== summary ==")
+    student = report["students"][0]
+    tq = report["teacher"]["quality"]
+    q = student["quality"]
+    print(f"teacher ({report['teacher_nfe']} NFE): FD-digits {tq.get('fd_digits', float('nan')):.2f}, "
+          f"class accuracy {tq.get('class_accuracy', float('nan')):.3f}")
+    for row in report["students"]:
+        q = row["quality"]
+        print(f"{row['model']} (1 call, {row['params'] / 1e6:.2f}M params): FD-digits {q.get('fd_digits', float('nan')):.2f}, "
+              f"class accuracy {q.get('class_accuracy', float('nan')):.3f}, teacher PSNR {row['teacher_match']['psnr']:.2f} dB, "
+              f"{row['speedup_vs_teacher']:.1f}x faster than the teacher")
+    print(f"total {time.perf_counter() - t0:.0f} s. Report: {out / 'report.md'}, {out / 'report.json'}; "
+          f"plots: {', '.join(str(out / p) for p in report['plots'])}")
+    return 0

@@ -1,0 +1,363 @@
+"""Train a one-step student (GET or ViT) on offline noise/image pairs.
+
+The paper's recipe by default: L1 loss on every decoded iterate of 6 unrolled fixed-point
+steps from a random start, weighted by fixed-point correction (gamma = 0.8); Adam with a
+constant learning rate; an EMA of the weights, which is what samples and evaluation use.
+Every deqkit solver and backward mode is selectable from the command line.
+
+One process, or several under torchrun (DDP; gloo on CPU, nccl on GPU):
+
+    python -m examples.get_distillation train --pairs runs/pairs --out runs/get
+    torchrun --nproc_per_node 8 -m examples.get_distillation train --pairs ... --batch 256
+
+Rerunning with the same ``--out`` resumes from the last checkpoint and continues the same
+run: the data order, the random starts z0 and therefore the loss curve are those of an
+uninterrupted run (batch b of step s is a function of the seed and s only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+import deqkit
+
+from . import common, models
+from .pairs import PairDataset
+
+BACKWARDS = ("unrolled", "unrolled-checkpoint", "phantom", "implicit", "onestep")
+LOSSES = ("l1", "l2")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as config.json and in every checkpoint."""
+
+    pairs: str
+    out: str
+    model: str = "GET-T/2"
+    solver: str = "fixed_point"        # a deqkit.solvers registry name
+    solver_args: dict = dataclasses.field(default_factory=dict)
+    backward: str = "unrolled"         # one of BACKWARDS
+    phantom_steps: int = 6
+    phantom_tau: float = 1.0
+    max_steps: int = 6                 # calls of f per forward (GET: 6)
+    gamma: float = 0.8                 # fixed-point correction weight (1: all iterates equal)
+    loss: str = "l1"
+    lr: float = 1e-4
+    batch: int = 128                   # global batch (split across ranks)
+    steps: int = 800_000
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    ckpt_every: int = 1000
+    device: Optional[str] = None       # default: cuda if available, else cpu
+
+    def validate(self) -> None:
+        if self.model not in models.PRESETS:
+            raise ValueError(f"model must be one of {list(models.PRESETS)}, got {self.model!r}")
+        if self.solver not in deqkit.solvers.available():
+            raise ValueError(f"solver must be one of {deqkit.solvers.available()}, got {self.solver!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("max_steps", "batch", "steps", "log_every", "sample_every", "ckpt_every", "phantom_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
+
+# -- pieces -----------------------------------------------------------------------------------
+def make_backward(config: TrainConfig) -> deqkit.AbstractBackward:
+    if config.backward == "unrolled":
+        return deqkit.Unrolled()
+    if config.backward == "unrolled-checkpoint":
+        return deqkit.Unrolled(checkpoint=True)
+    if config.backward == "phantom":
+        return deqkit.Phantom(steps=config.phantom_steps, tau=config.phantom_tau)
+    if config.backward == "implicit":
+        return deqkit.Implicit()
+    return deqkit.OneStep()
+
+
+def build_student(config: TrainConfig, image_shape: tuple[int, ...], num_classes: Optional[int]) -> nn.Module:
+    channels, size, _ = image_shape
+    overrides: dict[str, Any] = {}
+    if models.PRESETS[config.model]["family"] == "GET":
+        overrides = dict(solver=deqkit.solvers.get(config.solver, **config.solver_args),
+                         backward=make_backward(config), max_steps=config.max_steps)
+    return models.build(config.model, img_size=size, channels=channels, num_classes=num_classes or 0, **overrides)
+
+
+def batch_indices(num_items: int, global_batch: int, step: int, seed: int, rank: int, world: int) -> list[int]:
+    """This rank's item indices for ``step``: epochs are seeded permutations, walked in order.
+
+    A function of (seed, step) only, so a resumed run sees exactly the batches of an
+    uninterrupted one, and each rank takes a disjoint slice of the same global batch (no
+    sampling with replacement).
+    """
+    per_epoch = num_items // global_batch
+    if per_epoch < 1:
+        raise ValueError(f"batch {global_batch} is larger than the {num_items} pairs available")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    chunk = perm[i * global_batch:(i + 1) * global_batch]
+    local = global_batch // world
+    return chunk[rank * local:(rank + 1) * local].tolist()
+
+
+def start_points(shape: tuple[int, ...], step: int, seed: int, first: int, count: int) -> Tensor:
+    """z0 for global batch positions first .. first+count-1 at ``step``: one seeded draw each,
+    so the random starts do not depend on how the batch is split across ranks."""
+    out = torch.empty((count, *shape))
+    for j in range(count):
+        key = hashlib.sha256(f"{seed}:{step}:{first + j}".encode()).digest()
+        out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(key[:8], "little")))
+    return out
+
+
+def load_batch(dataset: PairDataset, indices: list[int], device: torch.device, conditional: bool):
+    items = [dataset[i] for i in indices]
+    noise = torch.stack([it[0] for it in items]).to(device)   # (B, C, H, W)
+    target = torch.stack([it[1] for it in items]).to(device)  # (B, C, H, W)
+    labels = torch.stack([it[2] for it in items]).to(device) if conditional else None
+    return noise, target, labels
+
+
+def distillation_loss(out: models.ModelOutput, target: Tensor, kind: str, gamma: float) -> Tensor:
+    """Regression loss on every decoded iterate, weighted gamma^(n-1-i) (fixed-point correction)."""
+    def per_iterate(images: Tensor) -> Tensor:
+        diff = images - target
+        return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
+
+    return deqkit.fp_correction(per_iterate, out.iterates, gamma=gamma)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary. ``stop_after`` ends early at that step
+    (for tests that simulate a kill)."""
+    config.validate()
+    dist = common.init_distributed(config.device)
+    try:
+        return _train(config, dist, progress, stop_after)
+    finally:
+        common.cleanup_distributed(dist)
+
+
+def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_after: Optional[int]) -> dict[str, Any]:
+    out = Path(config.out)
+    device = dist.device
+    if config.batch % dist.world_size:
+        raise ValueError(f"batch {config.batch} must be divisible by the number of processes ({dist.world_size})")
+    dataset = PairDataset(config.pairs)
+    num_classes = dataset.num_classes
+    conditional = bool(num_classes)
+    common.seed_everything(config.seed)
+    model = build_student(config, dataset.image_shape, num_classes).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    step = 0
+    ckpt_path = out / "checkpoint.pt"
+    cfg = common.config_to_dict(config)
+    if ckpt_path.exists():
+        state = common.load_checkpoint(ckpt_path, map_location=device)
+        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "device")}
+        now = {k: v for k, v in cfg.items() if k not in ("steps", "device")}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"{ckpt_path} belongs to a run with other settings ({diff}); use another --out")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        _set_rng_state(state["rng"])
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        common.save_config(out / "config.json", config)
+    net = model
+    if dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    token_shape = None
+    if isinstance(model, models.GET):
+        token_shape = ((model.img_size // model.patch) ** 2, model.dim)
+    local = config.batch // dist.world_size
+    sample_noise = torch.randn((64, *dataset.image_shape), generator=torch.Generator().manual_seed(config.seed + 7)).to(device)
+    sample_labels = (torch.arange(64) % num_classes).to(device) if conditional else None
+
+    log_path = out / "log.jsonl"
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    bar = None
+    if progress and dist.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc=f"train {config.model}", unit="step")
+    t0, last = time.perf_counter(), None
+    model.train()
+    while step < end:
+        idx = batch_indices(len(dataset), config.batch, step, config.seed, dist.rank, dist.world_size)
+        noise, target, labels = load_batch(dataset, idx, device, conditional)
+        kwargs = {}
+        if token_shape is not None:
+            kwargs["z0"] = start_points(token_shape, step, config.seed, dist.rank * local, local).to(device)
+        result = net(noise, labels, **kwargs)
+        loss = distillation_loss(result, target, config.loss, config.gamma)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        update_ema(ema, model, config.ema_decay)
+        step += 1
+
+        loss_value = loss.detach()
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(loss_value)
+            loss_value /= dist.world_size
+        last = float(loss_value)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last:.4f}")
+        if dist.is_main and (step % config.log_every == 0 or step == end):
+            record = {"step": step, "loss": last, "seconds": round(time.perf_counter() - t0, 3)}
+            if result.stats is not None:
+                record["residual"] = float(result.stats.residual.mean())
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if dist.is_main and (step % config.sample_every == 0 or step == end):
+            with torch.no_grad():
+                grid = ema(sample_noise, sample_labels).images
+            common.save_image_grid(grid, out / f"samples-{step:07d}.png", nrow=8, scale=4)
+        if step % config.ckpt_every == 0 or step == end:
+            if dist.is_main:
+                common.save_checkpoint(ckpt_path, {
+                    "config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                })
+            common.barrier(dist.world_size)
+    if bar is not None:
+        bar.close()
+    if dist.is_main:
+        # the log is appended as training goes; a resumed run may repeat the lines of the
+        # steps after its last checkpoint: keep the last record of each step
+        _dedupe_log(log_path)
+    return {"step": step, "loss": last, "out": str(out)}
+
+
+def _dedupe_log(path: Path) -> None:
+    if not path.exists():
+        return
+    records: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            records[json.loads(line)["step"]] = line
+    common.atomic_write_bytes(path, ("\n".join(records[k] for k in sorted(records)) + "\n").encode())
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[nn.Module, TrainConfig]:
+    """The (EMA) student of a training checkpoint, in eval mode, and its config."""
+    state = common.load_checkpoint(path, map_location=device)
+    config = common.config_from_dict(TrainConfig, state["config"])
+    dataset = PairDataset(config.pairs, verify="none")
+    model = build_student(config, dataset.image_shape, dataset.num_classes).to(device)
+    model.load_state_dict(state["ema" if ema else "model"])
+    return model.eval(), config
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig(pairs="", out="")
+    parser.add_argument("--pairs", required=True, help="pair folder (from the pairs subcommand)")
+    parser.add_argument("--out", required=True, help="run folder (rerun to resume)")
+    parser.add_argument("--model", default=d.model, choices=list(models.PRESETS))
+    parser.add_argument("--solver", default=d.solver, choices=deqkit.solvers.available())
+    parser.add_argument("--solver-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="solver hyperparameter, e.g. --solver anderson --solver-arg m=5")
+    parser.add_argument("--backward", default=d.backward, choices=BACKWARDS)
+    parser.add_argument("--phantom-steps", type=int, default=d.phantom_steps)
+    parser.add_argument("--phantom-tau", type=float, default=d.phantom_tau)
+    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="fixed-point iterations per forward")
+    parser.add_argument("--gamma", type=float, default=d.gamma, help="fixed-point correction weight")
+    parser.add_argument("--loss", default=d.loss, choices=LOSSES)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--batch", type=int, default=d.batch, help="global batch size")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--sample-every", type=int, default=d.sample_every)
+    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    solver_args = {}
+    for item in args.solver_arg:
+        if "=" not in item:
+            raise SystemExit(f"--solver-arg expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        solver_args[key] = _parse_value(value)
+    return TrainConfig(
+        pairs=args.pairs, out=args.out, model=args.model, solver=args.solver, solver_args=solver_args,
+        backward=args.backward, phantom_steps=args.phantom_steps, phantom_tau=args.phantom_tau,
+        max_steps=args.max_steps, gamma=args.gamma, loss=args.loss, lr=args.lr, batch=args.batch,
+        steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, log_every=args.log_every,
+        sample_every=args.sample_every, ckpt_every=args.ckpt_every, device=args.device,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    config.validate()
+    if args.dry_run:
+        print(json.dumps(common.config_to_dict(config), indent=2))
+        return 0
+    summary = train(config)
+    print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoint in {summary['out']}")
+    return 0
