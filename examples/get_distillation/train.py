@@ -10,6 +10,11 @@ One process, or several under torchrun (DDP; gloo on CPU, nccl on GPU):
     python -m examples.get_distillation train --pairs runs/pairs --out runs/get
     torchrun --nproc_per_node 8 -m examples.get_distillation train --pairs ... --batch 256
 
+``Implicit`` and ``OneStep`` differentiate at a fixed point: they suit a student whose
+equilibrium solve converges. An untrained GET does not (its residual grows over the six
+iterations, and the output still carries the random start), so train it as the paper does,
+with ``Unrolled`` (or ``Phantom``); ``--z0 zeros`` makes the start deterministic.
+
 Rerunning with the same ``--out`` resumes from the last checkpoint and continues the same
 run: the data order, the random starts z0 and therefore the loss curve are those of an
 uninterrupted run (batch b of step s is a function of the seed and s only).
@@ -52,6 +57,7 @@ class TrainConfig:
     phantom_steps: int = 6
     phantom_tau: float = 1.0
     max_steps: int = 6                 # calls of f per forward (GET: 6)
+    z0: str = "randn"                  # GET's start: a fresh Gaussian draw; or "zeros"
     gamma: float = 0.8                 # fixed-point correction weight (1: all iterates equal)
     loss: str = "l1"
     lr: float = 1e-4
@@ -71,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"solver must be one of {deqkit.solvers.available()}, got {self.solver!r}")
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if self.z0 not in ("randn", "zeros"):
+            raise ValueError(f"z0 must be 'randn' or 'zeros', got {self.z0!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("max_steps", "batch", "steps", "log_every", "sample_every", "ckpt_every", "phantom_steps"):
@@ -239,7 +247,10 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         noise, target, labels = load_batch(dataset, idx, device, conditional)
         kwargs = {}
         if token_shape is not None:
-            kwargs["z0"] = start_points(token_shape, step, config.seed, dist.rank * local, local).to(device)
+            if config.z0 == "randn":
+                kwargs["z0"] = start_points(token_shape, step, config.seed, dist.rank * local, local).to(device)
+            else:
+                kwargs["z0"] = torch.zeros((local, *token_shape), device=device)
         result = net(noise, labels, **kwargs)
         loss = distillation_loss(result, target, config.loss, config.gamma)
         optimizer.zero_grad(set_to_none=True)
@@ -315,6 +326,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-steps", type=int, default=d.phantom_steps)
     parser.add_argument("--phantom-tau", type=float, default=d.phantom_tau)
     parser.add_argument("--max-steps", type=int, default=d.max_steps, help="fixed-point iterations per forward")
+    parser.add_argument("--z0", default=d.z0, choices=("randn", "zeros"),
+                        help="start of the equilibrium solve (GET: a fresh Gaussian draw)")
     parser.add_argument("--gamma", type=float, default=d.gamma, help="fixed-point correction weight")
     parser.add_argument("--loss", default=d.loss, choices=LOSSES)
     parser.add_argument("--lr", type=float, default=d.lr)
@@ -346,7 +359,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         pairs=args.pairs, out=args.out, model=args.model, solver=args.solver, solver_args=solver_args,
         backward=args.backward, phantom_steps=args.phantom_steps, phantom_tau=args.phantom_tau,
-        max_steps=args.max_steps, gamma=args.gamma, loss=args.loss, lr=args.lr, batch=args.batch,
+        max_steps=args.max_steps, z0=args.z0, gamma=args.gamma, loss=args.loss, lr=args.lr, batch=args.batch,
         steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, log_every=args.log_every,
         sample_every=args.sample_every, ckpt_every=args.ckpt_every, device=args.device,
     )

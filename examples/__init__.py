@@ -1,0 +1,1 @@
+"""Worked examples built on deqkit (not part of the installed package)."""

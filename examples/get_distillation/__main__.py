@@ -1,0 +1,44 @@
+"""Command-line entry: ``python -m examples.get_distillation <subcommand> ...``.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``main(args) -> int``. To add one, put its module name in ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> (module inside this package, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "teacher": ("teacher", "train an EDM-preconditioned teacher (resumable)"),
+    "pairs": ("pairs", "generate seeded noise/image pairs with a teacher (resumable, torchrun-ready)"),
+    "train": ("train", "train a one-step student (GET or ViT) on pairs (resumable, torchrun/DDP-ready)"),
+    "evaluate": ("evaluate", "evaluate students against the teacher: quality, teacher match, speed, NFE sweep"),
+    "demo": ("demo", "the end-to-end demo on the bundled digits (teacher -> pairs -> students -> report)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.get_distillation",
+        description="GET distillation example: teacher training, pair generation and more.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

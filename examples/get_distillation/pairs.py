@@ -1,0 +1,333 @@
+"""Offline noise/image pairs: seeded, sharded, resumable generation and a streaming reader.
+
+Layout of a pair folder::
+
+    manifest.json                     written last, by rank 0, atomically
+    shard_00000.noise.npy             (S, C, H, W) float32: unit-variance noise e (x_0 = sigma_max e)
+    shard_00000.target.npy            (S, C, H, W) float32: the teacher's unclipped Heun output
+    shard_00000.labels.npy            (S,) int64: class labels (-1 when unconditional)
+    shard_00000.json                  the shard's record (seed range, sha256 of each file);
+                                      written after its three arrays, so it marks completion
+
+Pair i uses seed ``seed_offset + i`` alone (its own torch.Generator draws e, then the label), so
+it is the same whichever process, batch or shard makes it. Every file is written to a temporary
+name and renamed. A rerun verifies finished shards (checksums) and skips them, and redoes a
+shard without a valid record, so a kill loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import common, sampling
+
+FORMAT = "deqkit-get-pairs/1"
+ARRAYS = ("noise", "target", "labels")
+
+
+def pair_inputs(seeds: range | list[int], shape: tuple[int, ...], num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise e (B, *shape) float32 and labels (B,) int64 of the given seeds, one generator each."""
+    noise = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    labels = torch.full((len(seeds),), -1, dtype=torch.int64)
+    for k, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        noise[k] = torch.randn(shape, generator=g)
+        if num_classes:
+            labels[k] = torch.randint(num_classes, (), generator=g)
+    return noise, labels
+
+
+@torch.no_grad()
+def teacher_outputs(denoiser: Callable, noise: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The teacher's Heun ODE solution from x_0 = sigma_0 e, unclipped, float32, on the CPU."""
+    x0 = noise.to(device) * sigmas[0].to(torch.float32)  # (B, C, H, W)
+    y = labels.to(device) if labels is not None else None
+    return sampling.sample_heun(denoiser, x0, sigmas, labels=y).float().cpu()
+
+
+def _shard_name(index: int, kind: str) -> str:
+    return f"shard_{index:05d}.{kind}.npy" if kind in ARRAYS else f"shard_{index:05d}.json"
+
+
+def _verify_record(out_dir: Path, record: dict) -> str | None:
+    """None if the shard's files exist and match their checksums, else a reason."""
+    for kind in ARRAYS:
+        entry = record["files"][kind]
+        path = out_dir / entry["name"]
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if common.sha256_file(path) != entry["sha256"]:
+            return f"{path.name} does not match its sha256 checksum (corrupted or modified)"
+    return None
+
+
+def _load_record(out_dir: Path, index: int, settings: dict) -> dict | None:
+    """A finished shard's record if valid for these settings; None if it must be (re)made."""
+    path = out_dir / _shard_name(index, "json")
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("settings") != settings:
+        raise ValueError(f"{path} was made with different settings than this run "
+                         f"({record.get('settings')} vs {settings}); use another output folder")
+    reason = _verify_record(out_dir, record)
+    if reason is not None:
+        print(f"redoing shard {index}: {reason}", file=sys.stderr)
+        return None
+    return record
+
+
+def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: int, shard_size: int, batch_size: int,
+                   *, image_shape: tuple[int, ...], seed_offset: int = 0, num_classes: int | None = None,
+                   num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                   teacher_hash: str = "", device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                   progress: bool = True, on_batch: Callable[[int, int], None] | None = None) -> dict | None:
+    """Generate ``num_pairs`` pairs into ``out_dir``; returns the manifest (on rank 0, else None).
+
+    Shard s holds pairs [s * shard_size, min((s + 1) * shard_size, num_pairs)); rank r makes
+    the shards with s % world_size == r, in batches of ``batch_size``. After a barrier, rank 0
+    checks every shard and writes ``manifest.json``. ``on_batch(shard, batch)`` is called after
+    each batch (a progress hook; tests use it to simulate a kill).
+    """
+    for name, value in (("num_pairs", num_pairs), ("shard_size", shard_size), ("batch_size", batch_size),
+                        ("num_steps", num_steps)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    image_shape = tuple(int(s) for s in image_shape)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sigmas = sampling.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    settings = {
+        "teacher_sha256": teacher_hash, "seed_offset": seed_offset, "shard_size": shard_size,
+        "image_shape": list(image_shape), "num_classes": num_classes,
+        "sampler": {"name": "heun", "num_steps": num_steps, "nfe": sampling.heun_nfe(num_steps),
+                    "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "churn": 0, "clipped": False},
+    }
+    num_shards = -(-num_pairs // shard_size)
+    mine = [s for s in range(num_shards) if s % world_size == rank]
+    todo = [s for s in mine if _load_record(out_dir, s, settings) is None]
+    todo_pairs = sum(min(shard_size, num_pairs - s * shard_size) for s in todo)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo_pairs, unit="pair", desc=f"pairs[rank {rank}]", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for s in todo:
+        start, stop = s * shard_size, min((s + 1) * shard_size, num_pairs)
+        noise_parts, target_parts, label_parts = [], [], []
+        for b, b_start in enumerate(range(start, stop, batch_size)):
+            seeds = range(seed_offset + b_start, seed_offset + min(b_start + batch_size, stop))
+            noise, labels = pair_inputs(seeds, image_shape, num_classes)  # (B, C, H, W), (B,)
+            target = teacher_outputs(denoiser, noise, labels if num_classes else None, sigmas, device)
+            noise_parts.append(noise)
+            target_parts.append(target)
+            label_parts.append(labels)
+            bar.update(len(seeds))
+            bar.set_postfix(pairs_per_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.1f}")
+            if on_batch is not None:
+                on_batch(s, b)
+        arrays = {"noise": torch.cat(noise_parts).numpy(), "target": torch.cat(target_parts).numpy(),
+                  "labels": torch.cat(label_parts).numpy()}
+        files = {}
+        for kind in ARRAYS:
+            name = _shard_name(s, kind)
+            files[kind] = {"name": name, "sha256": common.atomic_save_npy(out_dir / name, arrays[kind]),
+                           "shape": list(arrays[kind].shape), "dtype": str(arrays[kind].dtype)}
+        record = {"index": s, "seeds": [seed_offset + start, seed_offset + stop], "count": stop - start,
+                  "files": files, "settings": settings}
+        common.atomic_write_json(out_dir / _shard_name(s, "json"), record)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if progress and todo_pairs:
+        print(f"rank {rank}: {todo_pairs} pairs in {elapsed:.1f} s = {todo_pairs / elapsed:.1f} pairs/s "
+              f"({sampling.heun_nfe(num_steps)} NFE each)", file=sys.stderr)
+    common.barrier(world_size)
+    if rank != 0:
+        return None
+    return _write_manifest(out_dir, num_pairs, num_shards, settings)
+
+
+def _write_manifest(out_dir: Path, num_pairs: int, num_shards: int, settings: dict) -> dict:
+    shards = []
+    for s in range(num_shards):
+        path = out_dir / _shard_name(s, "json")
+        if not path.is_file():
+            raise RuntimeError(f"shard {s} is missing ({path}); did another rank fail? rerun to finish it")
+        with open(path) as f:
+            record = json.load(f)
+        shards.append({k: record[k] for k in ("index", "seeds", "count", "files")})
+    image_shape = settings["image_shape"]
+    manifest = {
+        "format": FORMAT,
+        "teacher": {"sha256": settings["teacher_sha256"]},
+        "sampler": settings["sampler"],
+        "num_pairs": num_pairs, "shard_size": settings["shard_size"], "num_shards": num_shards,
+        "num_classes": settings["num_classes"],
+        "seeds": [settings["seed_offset"], settings["seed_offset"] + num_pairs],
+        "arrays": {"noise": {"shape": image_shape, "dtype": "float32"},
+                   "target": {"shape": image_shape, "dtype": "float32"},
+                   "labels": {"shape": [], "dtype": "int64"}},
+        "shards": shards,
+    }
+    common.atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a pair folder: item i -> (noise e, target x, label), float32/int64.
+
+    Shards are memory-mapped (``np.load(mmap_mode="r")``), so nothing is loaded into RAM up
+    front; each process (or DataLoader worker) opens its own maps lazily. Works with
+    ``DistributedSampler`` (each rank sees a disjoint slice of one permutation per epoch).
+
+    ``verify="open"`` checks every shard's sha256 now; ``"none"`` skips it (call
+    :meth:`verify` later). ``expect_teacher`` (a sha256 hex string) and ``expect_shape``
+    ((C, H, W)) reject a folder made by another teacher or for other images.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, expect_teacher: str | None = None,
+                 expect_shape: tuple[int, ...] | None = None, verify: str = "open"):
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no pair manifest at {str(path)!r} (generate pairs first, or the run is unfinished)")
+        with open(path) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}: unknown format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if verify not in ("open", "none"):
+            raise ValueError(f"verify must be 'open' or 'none', got {verify!r}")
+        teacher = self.manifest["teacher"]["sha256"]
+        if expect_teacher is not None and teacher != expect_teacher:
+            raise ValueError(f"{path}: pairs come from teacher {teacher[:16]}..., expected {expect_teacher[:16]}...")
+        self.image_shape = tuple(self.manifest["arrays"]["noise"]["shape"])
+        if expect_shape is not None and tuple(expect_shape) != self.image_shape:
+            raise ValueError(f"{path}: pairs have image shape {self.image_shape}, expected {tuple(expect_shape)}")
+        self.shard_size = int(self.manifest["shard_size"])
+        self.num_classes = self.manifest["num_classes"]
+        self._shards = self.manifest["shards"]
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
+        if verify == "open":
+            self.verify()
+
+    def verify(self) -> None:
+        """Check every shard file against its sha256; raises ValueError naming a bad file."""
+        for shard in self._shards:
+            reason = _verify_record(self.root, shard)
+            if reason is not None:
+                raise ValueError(f"pair shard {shard['index']} in {self.root}: {reason}")
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_pairs"])
+
+    def _shard(self, s: int) -> dict[str, np.ndarray]:
+        if s not in self._maps:
+            files = self._shards[s]["files"]
+            self._maps[s] = {k: np.load(self.root / files[k]["name"], mmap_mode="r", allow_pickle=False) for k in ARRAYS}
+        return self._maps[s]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"pair index {i} out of range for {n} pairs")
+        i %= n
+        arrays = self._shard(i // self.shard_size)
+        k = i % self.shard_size
+        return (torch.from_numpy(np.array(arrays["noise"][k])), torch.from_numpy(np.array(arrays["target"][k])),
+                torch.tensor(int(arrays["labels"][k])))
+
+    def __getstate__(self) -> dict:  # memory maps are reopened in each worker
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@dataclasses.dataclass
+class PairsConfig:
+    teacher: str = ""
+    out: str = "runs/pairs"
+    num: int = 10000
+    shard_size: int = 1000
+    batch: int = 250
+    seed_offset: int = 0
+    steps: int = 18
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    device: str | None = None
+
+
+def load_any_teacher(path: str, device: torch.device) -> tuple[Callable, tuple[int, ...], int | None]:
+    """A teacher from a checkpoint of ``teacher`` (.pt) or an EDM pickle (.pkl) -> (D, shape, classes)."""
+    from . import teacher as teacher_module
+
+    if path.endswith(".pkl"):
+        net = teacher_module.load_edm_pickle(path).to(device)
+        res = int(getattr(net.net, "img_resolution", 32))
+        return net, (int(getattr(net.net, "img_channels", 3)), res, res), net.num_classes
+    denoiser, info = teacher_module.load_teacher(path, device)
+    return denoiser, (info["in_channels"], info["image_size"], info["image_size"]), info["num_classes"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = PairsConfig()
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint (.pt from the teacher command, or EDM .pkl)")
+    parser.add_argument("--out", default=d.out, help="pair folder (reruns resume)")
+    parser.add_argument("--num-pairs", "--num", dest="num", type=int, default=d.num,
+                        help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num for its --numa-binding)")
+    parser.add_argument("--shard-size", type=int, default=d.shard_size)
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--seed-offset", type=int, default=d.seed_offset, help="pair i uses seed offset + i")
+    parser.add_argument("--steps", type=int, default=d.steps, help="Heun steps (NFE = 2 steps - 1)")
+    parser.add_argument("--sigma-min", type=float, default=d.sigma_min)
+    parser.add_argument("--sigma-max", type=float, default=d.sigma_max)
+    parser.add_argument("--rho", type=float, default=d.rho)
+    parser.add_argument("--device", default=d.device, help="default: cuda:LOCAL_RANK if available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = PairsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PairsConfig)})
+    if args.dry_run:
+        print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(config.teacher).is_file():
+        raise SystemExit(f"--teacher: no file at {config.teacher!r}")
+    dist = common.init_distributed(config.device)
+    try:
+        denoiser, shape, num_classes = load_any_teacher(config.teacher, dist.device)
+        if dist.is_main:
+            common.save_config(Path(config.out) / "pairs_config.json", config)
+        manifest = generate_pairs(
+            denoiser, config.out, config.num, config.shard_size, config.batch, image_shape=shape,
+            seed_offset=config.seed_offset, num_classes=num_classes, num_steps=config.steps,
+            sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho,
+            teacher_hash=common.sha256_file(config.teacher), device=dist.device,
+            rank=dist.rank, world_size=dist.world_size)
+        if manifest is not None:
+            print(f"wrote {manifest['num_pairs']} pairs in {manifest['num_shards']} shards to {config.out}", file=sys.stderr)
+    finally:
+        common.cleanup_distributed(dist)
+    return 0
