@@ -3,7 +3,8 @@
 
 Each creates ``.venv`` beside this file if needed, installs deqkit with the extras it needs,
 and runs. Needs only Python >= 3.10 with pip and venv. Extra arguments go to the command
-(``python3 tasks.py test -k anderson``, ``python3 tasks.py demo --out runs/demo``).
+(``python3 tasks.py test -k anderson``, ``python3 tasks.py demo --quick --out runs/demo-quick``).
+The demo is the GET distillation example end to end on the bundled digits.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
         py = setup("dev")
         return subprocess.run([str(py), "-m", "pytest", *rest], cwd=ROOT).returncode
     py = setup("dev")
-    return subprocess.run([str(py), "benchmarks/convergence.py", "--quick", *rest], cwd=ROOT).returncode
+    return subprocess.run([str(py), "-m", "examples.get_distillation", "demo", *rest], cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

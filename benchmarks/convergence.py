@@ -111,7 +111,7 @@ def runners(quick: bool, have_torchdeq: bool) -> list[Runner]:
         deqkit_runner("deqkit Broyden(memory=20)", deqkit.Broyden(memory=20)),
     ]
     if not quick:
-        out.append(deqkit_runner("deqkit NewtonKrylov", deqkit.NewtonKrylov()))
+        out.append(deqkit_runner("deqkit NewtonKrylov", deqkit.NewtonKrylov(krylov_dim=10)))
     if have_torchdeq:
         out += [
             torchdeq_runner("torchdeq fixed_point_iter", "fixed_point_iter"),

@@ -50,16 +50,6 @@ ALL_BACKWARDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention on a shared 2-core box
-    (tiny batched LAPACK calls were seen to run 30x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- helpers ---------------------------------------------------------------------------------
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -26,16 +26,6 @@ BACKWARDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention on a shared 2-core box
-    (tiny batched LAPACK calls were seen to run 30x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MLPCell(nn.Module):
     """``z <- tanh(0.5 * W2 tanh(W1 z) + x)``: two layers, contractive at initialisation."""
 

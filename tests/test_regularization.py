@@ -18,16 +18,6 @@ import deqkit
 F64 = torch.float64
 BATCH, DIM = 3, 5
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention on a shared 2-core box
-    (tiny batched LAPACK calls were seen to run 30x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
