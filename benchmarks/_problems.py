@@ -42,19 +42,27 @@ def tanh_layer(rho: float, dim: int = 256, batch: int = 32, seed: int = 0) -> Pr
     return Problem(f"tanh_rho{rho}", f"tanh(Wz+Ux), ||W||={rho}, d={dim}, B={batch}", f, torch.zeros(batch, dim), (x,), budget=60 if rho < 0.95 else 150)
 
 
-def heterogeneous(dim: int = 256, batch: int = 32, seed: int = 0, low: float = 0.3, high: float = 0.98) -> Problem:
-    """z_i = tanh(c_i W z_i + x_i): per-sample contraction c_i spread from low to high."""
+def heterogeneous(dim: int = 256, batch: int = 32, tokens: int = 1, seed: int = 0, low: float = 0.3, high: float = 0.98) -> Problem:
+    """z_i = tanh(c_i z_i Q + x_i), Q orthogonal: per-sample contraction c_i from low to high.
+
+    With ``tokens > 1`` each sample is a (tokens, dim) state, so the cost of f grows with the
+    number of samples evaluated (as in a conv or transformer cell) and skipping finished
+    samples (active set) saves real work.
+    """
     g = torch.Generator().manual_seed(seed)
     w, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))  # orthogonal: every direction contracts at c_i
-    x = 0.3 * torch.randn(batch, dim, generator=g)
+    shape = (batch, tokens, dim) if tokens > 1 else (batch, dim)
+    x = 0.3 * torch.randn(shape, generator=g)
     # most samples contract fast; a few are slow (the case active sets are for)
     c = torch.cat([torch.linspace(low, 0.6, batch - batch // 8), torch.linspace(0.9, high, batch // 8)])
-    c = c.unsqueeze(1)
+    c = c.reshape((batch,) + (1,) * (len(shape) - 1))
 
     def f(z, x, c):
         return torch.tanh(c * (z @ w.T) + x)
 
-    return Problem("heterogeneous", f"tanh(c_i W z + x), c_i in [{low}, {high}], d={dim}, B={batch}", f, torch.zeros(batch, dim), (x, c), budget=200)
+    size = f"T={tokens}, " if tokens > 1 else ""
+    return Problem("heterogeneous", f"tanh(c_i z Q + x), c_i in [{low}, {high}], {size}d={dim}, B={batch}", f,
+                   torch.zeros(shape), (x, c), budget=200)
 
 
 def linear_ill(dim: int = 256, batch: int = 16, seed: int = 0, top: float = 0.99) -> Problem:
@@ -147,7 +155,7 @@ def suite(quick: bool) -> list[Problem]:
         tanh_layer(0.5),
         tanh_layer(0.9),
         tanh_layer(0.99),
-        heterogeneous(),
+        heterogeneous(dim=256, batch=32, tokens=64),  # f's cost grows with the samples evaluated
         linear_ill(),
         get_t(),
         mdeq_conv(),

@@ -186,10 +186,11 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
                                      ("peak_mib", "peak memory of the step (MiB)", "backward_memory.png", True),
                                      ("cosine", "cosine to the implicit reference", "backward_cosine.png", False)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in dict.fromkeys(r["mode"] for r in results):
+        for i, name in enumerate(dict.fromkeys(r["mode"] for r in results)):
             rows = [r for r in results if r["mode"] == name and r[key] is not None]
             style = "-o" if not name.startswith("Phantom") else ":."
-            ax.plot([r["iters"] for r in rows], [r[key] for r in rows], style, label=name, ms=4)
+            ax.plot([r["iters"] for r in rows], [r[key] for r in rows], style, label=name, ms=4,
+                    color=plt.cm.tab20(i % 20))
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")

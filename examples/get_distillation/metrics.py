@@ -197,7 +197,7 @@ def fid_inception(images_a: torch.Tensor, images_b: torch.Tensor, weights_path: 
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as exc:
         raise ImportError("fid_inception needs the 'torch-fidelity' package (with torchvision): "
-                          "pip install torch-fidelity") from exc
+                          "pip install 'deqkit[fid]' (or pip install torch-fidelity)") from exc
     if not weights_path.is_file():
         raise FileNotFoundError(f"Inception weights not found at {str(weights_path)!r} "
                                 "(expected pt_inception-2015-12-05-6726825d.pth)")
