@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -79,48 +81,42 @@ def linear_ill(dim: int = 256, batch: int = 16, seed: int = 0, top: float = 0.99
     return Problem("linear_ill", f"z=Az+b, eig(A) in [0, {top}], d={dim}, B={batch}", f, torch.zeros(batch, dim), (b,), budget=300)
 
 
-class _Block(nn.Module):
-    """Pre-LN transformer block whose qkv pre-activations receive an additive injection."""
+def get_t(batch: int = 4, seed: int = 0, checkpoint: str | None = None) -> Problem:
+    """The GET-T/2 equilibrium function of the example's model (CIFAR shapes: 256 tokens,
+    D=256, 3 blocks, MLP ratio 6), at init or, given a training checkpoint, trained.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+    The injection ``u`` comes from the model's own stem and injection transformer applied to
+    seeded noise images (and labels), as in a forward pass; ``f(z) = equilibrium_map(z, u)``.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from examples.get_distillation import models
 
-    def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        b, n, d = z.shape
-        qkv = self.qkv(self.norm1(z)) + u  # (B, N, 3D)
-        q, k, v = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
-        z = z + self.proj(a.transpose(1, 2).reshape(b, n, d))
-        return z + self.mlp(self.norm2(z))
-
-
-class TransformerCell(nn.Module):
-    """A GET-style equilibrium function: L_e pre-LN blocks with per-block qkv injections."""
-
-    def __init__(self, dim: int = 256, heads: int = 4, depth: int = 3, mlp_ratio: int = 6):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
-
-    def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        for block, ui in zip(self.blocks, u.chunk(len(self.blocks), dim=-1)):
-            z = block(z, ui)
-        return z
-
-
-def get_t(batch: int = 4, tokens: int = 256, seed: int = 0) -> Problem:
-    """The GET-T/2 equilibrium function (D=256, 4 heads, 3 blocks, MLP ratio 6) at init."""
     torch.manual_seed(seed)
-    cell = TransformerCell().eval()
-    for p in cell.parameters():
-        p.requires_grad_(False)
-    u = torch.randn(batch, tokens, 3 * 3 * 256) * 0.5
-    return Problem("get_t", f"GET-T equilibrium transformer at init, B={batch}, N={tokens}, D=256", cell, torch.randn(batch, tokens, 256), (u,), budget=40)
+    if checkpoint:
+        from examples.get_distillation.train import load_student
+
+        model, _ = load_student(checkpoint)
+        state = "trained"
+    else:
+        model = models.build("GET-T/2", img_size=32, channels=3, num_classes=10).eval()
+        state = "at init"
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((batch, model.channels, model.img_size, model.img_size), generator=g)
+    labels = torch.arange(batch) % model.num_classes if model.conditional else None
+    with torch.no_grad():
+        c = model._condition(noise, labels)
+        x = model.embed(noise)  # (B, N, D)
+        for block in model.injection_blocks:
+            x = block(x, c)
+        u = model.injection(x)  # (B, N, 3D*L_e)
+        if c is not None:
+            u = u + c.repeat(1, 1, model.depth_equilibrium)
+    z0 = torch.randn(x.shape, generator=g)
+    return Problem("get_t_trained" if checkpoint else "get_t", f"GET-T/2 equilibrium transformer ({state}), B={batch}, N={x.shape[1]}, D={x.shape[2]}",
+                   model.equilibrium_map, z0, (u,), budget=40)
 
 
 class _ConvCell(nn.Module):
@@ -148,7 +144,7 @@ def mdeq_conv(batch: int = 16, channels: int = 32, size: int = 16, seed: int = 0
     return Problem("mdeq_conv", f"MDEQ-style conv cell, B={batch}, C={channels}, {size}x{size}", cell, torch.zeros(batch, channels, size, size), (x,), budget=60)
 
 
-def suite(quick: bool) -> list[Problem]:
+def suite(quick: bool, get_checkpoint: str | None = None) -> list[Problem]:
     if quick:
         return [tanh_layer(0.9, dim=64, batch=8), heterogeneous(dim=64, batch=16)]
     return [
@@ -158,5 +154,6 @@ def suite(quick: bool) -> list[Problem]:
         heterogeneous(dim=256, batch=32, tokens=64),  # f's cost grows with the samples evaluated
         linear_ill(),
         get_t(),
+        *([get_t(checkpoint=get_checkpoint)] if get_checkpoint else []),
         mdeq_conv(),
     ]

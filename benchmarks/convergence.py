@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per run (default 1 quick, 5 full)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", nargs="*", default=None, help="problem names to run (default all)")
+    parser.add_argument("--get-checkpoint", default=None,
+                        help="a GET-T/2 training checkpoint (examples/get_distillation train): adds the trained equilibrium function")
     args = parser.parse_args(argv)
     if args.tol <= 0:
         parser.error(f"--tol must be > 0, got {args.tol}")
@@ -227,11 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         have_torchdeq = False
         print("torchdeq is not installed (pip install 'deqkit[torchdeq]'); running deqkit only", file=sys.stderr)
 
-    problems = suite(args.quick)
-    if args.only:
-        problems = [p for p in problems if p.name in args.only]
-        if not problems:
-            parser.error(f"--only matched no problem; names: {[p.name for p in suite(args.quick)]}")
+    every = suite(args.quick, args.get_checkpoint)
+    problems = [p for p in every if p.name in args.only] if args.only else every
+    if not problems:
+        parser.error(f"--only matched no problem; names: {[p.name for p in every]}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     try:
