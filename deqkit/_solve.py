@@ -105,6 +105,8 @@ def fixed_point(
     solver = Anderson() if solver is None else solver
     backward = Implicit() if backward is None else backward
     _validate(f, z0, solver, backward, tol, stop_mode, max_steps, divergence, trajectory)
+    if isinstance(inputs, Tensor) or not isinstance(inputs, (tuple, list)):
+        raise TypeError(f"inputs must be a tuple of f's extra arguments, e.g. inputs=(x,), got {type(inputs).__name__}")
     with solve_scope(z0.shape[0]):
         return _solve(f, z0, tuple(inputs), solver, backward, tol, stop_mode, max_steps,
                       active_set, divergence, trajectory, throw, throw_on_max_steps)

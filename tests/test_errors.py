@@ -258,3 +258,9 @@ def test_solve_error_names_the_failed_samples_and_the_fix():
     message = str(info.value)
     assert "NONFINITE" in message and "samples [2] of 4" in message
     assert "throw=False" in message
+
+
+def test_inputs_must_be_a_tuple_not_a_tensor():
+    x = torch.randn(3, 2)
+    with pytest.raises(TypeError, match=r"inputs=\(x,\)"):
+        deqkit.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros(3, 2), inputs=x)
