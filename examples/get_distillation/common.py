@@ -112,6 +112,18 @@ def load_config(cls: type[T], path: str | os.PathLike) -> T:
         return config_from_dict(cls, json.load(f))
 
 
+# ----------------------------------------------------------------------------- EMA
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p.detach(), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
 # ----------------------------------------------------------------------------- seeding
 
 

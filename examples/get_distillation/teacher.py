@@ -195,13 +195,7 @@ def edm_loss(denoiser: nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     return (weight * per_sample).mean()
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+update_ema = common.update_ema  # kept under this name for callers of the teacher module
 
 
 # ----------------------------------------------------------------------------- config & checkpoints

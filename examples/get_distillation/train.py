@@ -159,14 +159,6 @@ def distillation_loss(out: models.ModelOutput, target: Tensor, kind: str, gamma:
     return deqkit.fp_correction(per_iterate, out.iterates, gamma=gamma)
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -256,7 +248,7 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        update_ema(ema, model, config.ema_decay)
+        common.update_ema(ema, model, config.ema_decay)
         step += 1
 
         loss_value = loss.detach()
