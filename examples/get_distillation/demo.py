@@ -30,14 +30,16 @@ class DemoConfig:
     teacher_preset: str = "digits"
     teacher_steps: int = 2000
     teacher_batch: int = 128
-    num_pairs: int = 6000
+    num_pairs: int = 20000
     num_heldout: int = 500
     heun_steps: int = 18
-    student: str = "GET-Tiny/2"
-    baseline: str = "ViT-Tiny/2"
-    student_steps: int = 3000
+    student: str = "GET-Tiny/4"
+    baseline: str = "ViT-Tiny/4"
+    student_steps: int = 7500
     student_batch: int = 64
-    student_lr: float = 1e-3
+    student_lr: float = 2e-3           # peak: linear warm-up, then cosine decay to 0
+    student_warmup: int = 200
+    student_grad_clip: float = 1.0
     ema_decay: float = 0.999
     eval_samples: int = 1000
     sweep_samples: int = 500
@@ -47,7 +49,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str) -> "DemoConfig":
         return cls(out=out, teacher_preset="tiny", teacher_steps=30, teacher_batch=32, num_pairs=128,
-                   num_heldout=32, heun_steps=4, student_steps=15, student_batch=16, eval_samples=300,
+                   num_heldout=32, heun_steps=4, student_steps=15, student_batch=16, student_warmup=3, eval_samples=300,
                    sweep_samples=300, nfe_max=3)
 
 
@@ -89,7 +91,9 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
         t = stage(f"{3 + i}/5 student {model} (same pairs, same budget)")
         run_dir = out / model.replace("/", "_")
         scfg = train.TrainConfig(pairs=str(out / "pairs"), out=str(run_dir), model=model, lr=config.student_lr,
-                                 batch=config.student_batch, steps=config.student_steps, ema_decay=config.ema_decay,
+                                 lr_schedule="cosine", warmup=config.student_warmup,
+                                 grad_clip=config.student_grad_clip, batch=config.student_batch,
+                                 steps=config.student_steps, ema_decay=config.ema_decay,
                                  seed=config.seed, log_every=max(config.student_steps // 100, 1),
                                  sample_every=max(config.student_steps // 3, 1), ckpt_every=max(config.student_steps // 6, 1))
         train.train(scfg, progress=progress)
@@ -133,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
           f"class accuracy {tq.get('class_accuracy', float('nan')):.3f}")
     for row in report["students"]:
         q = row["quality"]
-        print(f"{row['model']} (1 call, {row['params'] / 1e6:.2f}M params): FD-digits {q.get('fd_digits', float('nan')):.2f}, "
+        print(f"{row['model']} (1 call, {row['params'] / 1e6:.2f}M params): FD-digits {q.get('fd_digits', float('nan')):.2f} "
+              f"({row.get('fd_ratio_to_teacher', float('nan')):.2f}x the teacher's), "
               f"class accuracy {q.get('class_accuracy', float('nan')):.3f}, teacher PSNR {row['teacher_match']['psnr']:.2f} dB, "
               f"{row['speedup_vs_teacher']:.1f}x faster than the teacher")
     print(f"total {time.perf_counter() - t0:.0f} s. Report: {out / 'report.md'}, {out / 'report.json'}; "

@@ -141,6 +141,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             "images_per_second": config.batch / seconds,
             "speedup_vs_teacher": t_seconds / seconds,
         }
+        if "fd_digits" in row["quality"] and report["teacher"]["quality"].get("fd_digits"):
+            row["fd_ratio_to_teacher"] = row["quality"]["fd_digits"] / report["teacher"]["quality"]["fd_digits"]
         if isinstance(model, models.GET):
             row["train_max_steps"] = tcfg.max_steps
             row["nfe_sweep"] = _nfe_sweep(model, h_noise, h_target, h_labels, noise, labels, config, digits)
@@ -229,13 +231,14 @@ def _markdown(report: dict) -> str:
     lines = ["# GET distillation: evaluation report", ""]
     lines += [f"Images {tuple(report['image_shape'])}, classes: {report['num_classes']}. "
               f"Teacher: EDM Heun, {report['teacher_nfe']} NFE. Samples: {tq.get('n', '-')} per model, same seeded noise.", ""]
-    lines += ["| model | params | NFE | FD-digits | class acc. | teacher PSNR (dB) | images/s | speed-up |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines.append(f"| teacher (Heun) | - | {report['teacher_nfe']} | {_fmt(tq.get('fd_digits'))} | "
+    lines += ["| model | params | NFE | FD-digits | FD / teacher's | class acc. | teacher PSNR (dB) | images/s | speed-up |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| teacher (Heun) | - | {report['teacher_nfe']} | {_fmt(tq.get('fd_digits'))} | 1.00 | "
                  f"{_fmt(tq.get('class_accuracy'), '.3f')} | - | {_fmt(t['images_per_second'], '.0f')} | 1.0x |")
     for row in report["students"]:
         q = row["quality"]
         lines.append(f"| {row['model']} | {row['params'] / 1e6:.2f}M | 1 | {_fmt(q.get('fd_digits'))} | "
+                     f"{_fmt(row.get('fd_ratio_to_teacher'))} | "
                      f"{_fmt(q.get('class_accuracy'), '.3f')} | {_fmt(row['teacher_match']['psnr'])} | "
                      f"{_fmt(row['images_per_second'], '.0f')} | {_fmt(row['speedup_vs_teacher'], '.1f')}x |")
     if "fd_floor" in tq:

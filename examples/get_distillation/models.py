@@ -377,9 +377,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ViT-S/2": dict(family="ViT", dim=384, heads=6, depth=12),
     "ViT-B/2": dict(family="ViT", dim=768, heads=12, depth=12),
     "ViT-L/2": dict(family="ViT", dim=1024, heads=16, depth=24),
-    # CPU scale (8x8 digits, patch 2 -> 16 tokens): about 0.29M and 0.30M parameters.
+    # CPU scale (8x8 digits): about 0.29M and 0.30M parameters. Patch 2 gives 16 tokens,
+    # patch 4 gives 4 tokens of 4x4 pixels at the same size and 2.5x less compute per step,
+    # which is what the demo's 2-core budget trains best (see the tutorial's measurements).
     "GET-Tiny/2": dict(family="GET", dim=64, heads=4, depth_injection=2, eq_mlp_ratio=4),
     "ViT-Tiny/2": dict(family="ViT", dim=64, heads=4, depth=6),
+    "GET-Tiny/4": dict(family="GET", dim=64, heads=4, depth_injection=2, eq_mlp_ratio=4, patch=4),
+    "ViT-Tiny/4": dict(family="ViT", dim=64, heads=4, depth=6, patch=4),
 }
 
 

@@ -42,6 +42,7 @@ from .pairs import PairDataset
 
 BACKWARDS = ("unrolled", "unrolled-checkpoint", "phantom", "implicit", "onestep")
 LOSSES = ("l1", "l2")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class TrainConfig:
 
     pairs: str
     out: str
+    num_pairs: Optional[int] = None    # train on the first N pairs only (default: all)
     model: str = "GET-T/2"
     solver: str = "fixed_point"        # a deqkit.solvers registry name
     solver_args: dict = dataclasses.field(default_factory=dict)
@@ -61,6 +63,11 @@ class TrainConfig:
     gamma: float = 0.8                 # fixed-point correction weight (1: all iterates equal)
     loss: str = "l1"
     lr: float = 1e-4
+    lr_schedule: str = "constant"      # or "cosine": decay to lr_min over `steps`
+    lr_min: float = 0.0
+    warmup: int = 0                    # linear lr warm-up steps
+    weight_decay: float = 0.0          # AdamW's decoupled weight decay (paper: 0)
+    grad_clip: Optional[float] = None  # clip the global gradient norm (paper: none)
     batch: int = 128                   # global batch (split across ranks)
     steps: int = 800_000
     ema_decay: float = 0.9999
@@ -85,12 +92,24 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.num_pairs is not None and (not isinstance(self.num_pairs, int) or self.num_pairs < 1):
+            raise ValueError(f"num_pairs must be an integer >= 1 (or None for all), got {self.num_pairs!r}")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip!r}")
 
 
 # -- pieces -----------------------------------------------------------------------------------
@@ -104,6 +123,19 @@ def make_backward(config: TrainConfig) -> deqkit.AbstractBackward:
     if config.backward == "implicit":
         return deqkit.Implicit()
     return deqkit.OneStep()
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup`` steps, then constant or a cosine decay from ``lr`` to ``lr_min`` at ``steps``.
+    A function of the step only, so a resumed run follows the same schedule."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    if config.lr_schedule == "constant":
+        return config.lr
+    span = max(config.steps - 1 - config.warmup, 1)  # the last step runs at lr_min
+    progress = min((step - config.warmup) / span, 1.0)
+    return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * progress))
 
 
 def build_student(config: TrainConfig, image_shape: tuple[int, ...], num_classes: Optional[int]) -> nn.Module:
@@ -190,19 +222,26 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
     if config.batch % dist.world_size:
         raise ValueError(f"batch {config.batch} must be divisible by the number of processes ({dist.world_size})")
     dataset = PairDataset(config.pairs)
+    num_items = len(dataset)
+    if config.num_pairs is not None:
+        if config.num_pairs > len(dataset):
+            raise ValueError(f"num_pairs {config.num_pairs} exceeds the {len(dataset)} pairs in {config.pairs}")
+        num_items = config.num_pairs
     num_classes = dataset.num_classes
     conditional = bool(num_classes)
     common.seed_everything(config.seed)
     model = build_student(config, dataset.image_shape, num_classes).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     ckpt_path = out / "checkpoint.pt"
     cfg = common.config_to_dict(config)
     if ckpt_path.exists():
         state = common.load_checkpoint(ckpt_path, map_location=device)
-        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "device")}
-        now = {k: v for k, v in cfg.items() if k not in ("steps", "device")}
+        # more steps may be asked of a resumed run, except where the schedule depends on them
+        free = ("steps", "device") if config.lr_schedule == "constant" else ("device",)
+        saved = {k: v for k, v in state["config"].items() if k not in free}
+        now = {k: v for k, v in cfg.items() if k not in free}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise ValueError(f"{ckpt_path} belongs to a run with other settings ({diff}); use another --out")
@@ -235,7 +274,7 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
     t0, last = time.perf_counter(), None
     model.train()
     while step < end:
-        idx = batch_indices(len(dataset), config.batch, step, config.seed, dist.rank, dist.world_size)
+        idx = batch_indices(num_items, config.batch, step, config.seed, dist.rank, dist.world_size)
         noise, target, labels = load_batch(dataset, idx, device, conditional)
         kwargs = {}
         if token_shape is not None:
@@ -247,6 +286,10 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         loss = distillation_loss(result, target, config.loss, config.gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step)
         optimizer.step()
         common.update_ema(ema, model, config.ema_decay)
         step += 1
@@ -260,7 +303,8 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
             bar.update(1)
             bar.set_postfix(loss=f"{last:.4f}")
         if dist.is_main and (step % config.log_every == 0 or step == end):
-            record = {"step": step, "loss": last, "seconds": round(time.perf_counter() - t0, 3)}
+            record = {"step": step, "loss": last, "lr": lr_at(config, step - 1),
+                      "seconds": round(time.perf_counter() - t0, 3)}
             if result.stats is not None:
                 record["residual"] = float(result.stats.residual.mean())
             with open(log_path, "a") as fh:
@@ -310,6 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig(pairs="", out="")
     parser.add_argument("--pairs", required=True, help="pair folder (from the pairs subcommand)")
     parser.add_argument("--out", required=True, help="run folder (rerun to resume)")
+    parser.add_argument("--num-pairs", type=int, default=None,
+                        help="train on the first N pairs only, e.g. for a data-scaling study (default: all)")
     parser.add_argument("--model", default=d.model, choices=list(models.PRESETS))
     parser.add_argument("--solver", default=d.solver, choices=deqkit.solvers.available())
     parser.add_argument("--solver-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -322,7 +368,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start of the equilibrium solve (GET: a fresh Gaussian draw)")
     parser.add_argument("--gamma", type=float, default=d.gamma, help="fixed-point correction weight")
     parser.add_argument("--loss", default=d.loss, choices=LOSSES)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                        help="after warm-up: constant (the paper) or cosine decay to --lr-min at --steps")
+    parser.add_argument("--lr-min", type=float, default=d.lr_min)
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm")
     parser.add_argument("--batch", type=int, default=d.batch, help="global batch size")
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
@@ -349,9 +401,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         key, value = item.split("=", 1)
         solver_args[key] = _parse_value(value)
     return TrainConfig(
-        pairs=args.pairs, out=args.out, model=args.model, solver=args.solver, solver_args=solver_args,
+        pairs=args.pairs, out=args.out, num_pairs=args.num_pairs, model=args.model, solver=args.solver, solver_args=solver_args,
         backward=args.backward, phantom_steps=args.phantom_steps, phantom_tau=args.phantom_tau,
-        max_steps=args.max_steps, z0=args.z0, gamma=args.gamma, loss=args.loss, lr=args.lr, batch=args.batch,
+        max_steps=args.max_steps, z0=args.z0, gamma=args.gamma, loss=args.loss, lr=args.lr,
+        lr_schedule=args.lr_schedule, lr_min=args.lr_min, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, batch=args.batch,
         steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, log_every=args.log_every,
         sample_every=args.sample_every, ckpt_every=args.ckpt_every, device=args.device,
     )

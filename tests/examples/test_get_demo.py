@@ -18,21 +18,23 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
         assert key in data["teacher"]["quality"]
     assert data["teacher"]["images_per_second"] > 0
     models = [row["model"] for row in data["students"]]
-    assert models == ["GET-Tiny/2", "ViT-Tiny/2"]
+    assert models == ["GET-Tiny/4", "ViT-Tiny/4"]
     for row in data["students"]:
-        for key in ("params", "quality", "teacher_match", "images_per_second", "speedup_vs_teacher"):
+        for key in ("params", "quality", "teacher_match", "images_per_second", "speedup_vs_teacher",
+                    "fd_ratio_to_teacher"):
             assert key in row, key
         assert math.isfinite(row["teacher_match"]["psnr"]) and row["params"] > 0
         assert 0 <= row["quality"]["class_accuracy"] <= 1
+        assert row["fd_ratio_to_teacher"] == row["quality"]["fd_digits"] / data["teacher"]["quality"]["fd_digits"]
     sweep = data["students"][0]["nfe_sweep"]
     assert sweep["nfe"] == [1, 2, 3]
     for solver in ("FixedPoint", "Anderson(m=5)"):
         assert len(sweep[solver]["psnr"]) == 3 and len(sweep[solver]["fd_digits"]) == 3
-    assert set(data["stage_seconds"]) == {"teacher", "pairs", "GET-Tiny/2", "ViT-Tiny/2", "evaluation"}
+    assert set(data["stage_seconds"]) == {"teacher", "pairs", "GET-Tiny/4", "ViT-Tiny/4", "evaluation"}
     for name in data["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
-    assert "GET-Tiny/2" in text and "ViT-Tiny/2" in text and "teacher (Heun)" in text
+    assert "GET-Tiny/4" in text and "ViT-Tiny/4" in text and "teacher (Heun)" in text
     # a rerun reuses every finished stage and reproduces the report's numbers
     again = demo.run(demo.DemoConfig.quick(str(out)), progress=False)
     assert again["students"][0]["teacher_match"] == report["students"][0]["teacher_match"]

@@ -58,8 +58,10 @@ def test_macs_match_the_paper(name):
     assert macs(model) / 1e9 == pytest.approx(PAPER_GMACS[name], rel=0.02)
 
 
-def test_cpu_presets_are_comparable_in_size():
-    get, vit = tiny("GET-Tiny/2"), tiny("ViT-Tiny/2")
+@pytest.mark.parametrize("patch", [2, 4])
+def test_cpu_presets_are_comparable_in_size(patch):
+    get, vit = tiny(f"GET-Tiny/{patch}"), tiny(f"ViT-Tiny/{patch}")
+    assert get.patch == vit.patch == patch
     assert 0.28e6 <= count_params(get) <= 0.30e6
     assert abs(count_params(vit) / count_params(get) - 1) < 0.06
 
@@ -84,7 +86,7 @@ def test_module_docstring_example_runs():
 
 # -- output contract ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["GET-Tiny/2", "ViT-Tiny/2"])
+@pytest.mark.parametrize("name", ["GET-Tiny/2", "ViT-Tiny/2", "GET-Tiny/4", "ViT-Tiny/4"])
 @pytest.mark.parametrize("num_classes", [0, None, K])
 def test_one_step_shapes(name, num_classes):
     model = tiny(name, num_classes=num_classes).eval()

@@ -103,6 +103,60 @@ def test_resume_after_a_kill_continues_the_same_run(pair_dir, tmp_path):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+def test_resume_under_a_cosine_schedule_with_clipping_equals_a_straight_run(pair_dir, tmp_path):
+    kw = dict(ckpt_every=3, steps=7, lr_schedule="cosine", warmup=2, lr_min=1e-4, grad_clip=0.5, weight_decay=0.01)
+    train.train(_config(pair_dir, tmp_path / "straight", **kw), progress=False)
+    killed = _config(pair_dir, tmp_path / "killed", **kw)
+    train.train(killed, progress=False, stop_after=4)   # last checkpoint at step 3
+    state = common.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert state["step"] == 4
+    train.train(killed, progress=False)
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([train.lr_at(killed, s) for s in range(7)])
+
+
+def test_lr_schedule_warms_up_then_decays_to_lr_min(tmp_path):
+    cfg = train.TrainConfig(pairs="", out="", lr=1e-3, lr_schedule="cosine", lr_min=1e-5, warmup=10, steps=111)
+    lrs = [train.lr_at(cfg, s) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-5)
+    constant = train.TrainConfig(pairs="", out="", lr=1e-3, steps=110)
+    assert {train.lr_at(constant, s) for s in range(110)} == {1e-3}  # the paper: constant, no warm-up
+
+
+def test_gradient_clipping_bounds_the_gradient(pair_dir, tmp_path, monkeypatch):
+    # Adam normalises its step, so look at the clipped gradient itself
+    config = _config(pair_dir, tmp_path / "clip", steps=1, grad_clip=1e-3)
+    seen = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        params = list(params)
+        total = original(params, max_norm, *a, **k)
+        seen.append((float(total), float(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm())))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train.train(config, progress=False)
+    (before, after), = seen
+    assert before > 1e-3 and after == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_num_pairs_trains_on_the_first_pairs_only(pair_dir, tmp_path, monkeypatch):
+    seen = []
+    original = train.load_batch
+
+    def spy(dataset, indices, *a, **k):
+        seen.extend(indices)
+        return original(dataset, indices, *a, **k)
+
+    monkeypatch.setattr(train, "load_batch", spy)
+    train.train(_config(pair_dir, tmp_path / "run", num_pairs=32, steps=4), progress=False)  # 2 epochs of 32
+    assert sorted(seen) == sorted(list(range(32)) * 2)
+
+
 def test_resume_refuses_a_run_with_other_settings(pair_dir, tmp_path):
     train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)
     with pytest.raises(ValueError, match="other settings"):
@@ -143,8 +197,22 @@ def test_bad_settings_are_named(pair_dir, tmp_path):
         _config(pair_dir, tmp_path, backward="adjoint").validate()
     with pytest.raises(ValueError, match="solver"):
         _config(pair_dir, tmp_path, solver="secant").validate()
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _config(pair_dir, tmp_path, lr_schedule="linear").validate()
+    with pytest.raises(ValueError, match="lr_min"):
+        _config(pair_dir, tmp_path, lr_min=1.0).validate()
+    with pytest.raises(ValueError, match="warmup"):
+        _config(pair_dir, tmp_path, warmup=-1).validate()
+    with pytest.raises(ValueError, match="grad_clip"):
+        _config(pair_dir, tmp_path, grad_clip=0.0).validate()
+    with pytest.raises(ValueError, match="weight_decay"):
+        _config(pair_dir, tmp_path, weight_decay=-0.1).validate()
     with pytest.raises(ValueError, match="batch 512 is larger"):
         train.train(_config(pair_dir, tmp_path / "big", batch=512), progress=False)
+    with pytest.raises(ValueError, match="num_pairs 65 exceeds the 64 pairs"):
+        train.train(_config(pair_dir, tmp_path / "many", num_pairs=65), progress=False)
+    with pytest.raises(ValueError, match="num_pairs must be"):
+        _config(pair_dir, tmp_path, num_pairs=0).validate()
     with pytest.raises(FileNotFoundError, match="manifest"):
         train.train(_config(tmp_path / "nowhere", tmp_path / "x"), progress=False)
 
