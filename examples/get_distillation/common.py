@@ -117,9 +117,9 @@ def load_config(cls: type[T], path: str | os.PathLike) -> T:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * model for every parameter (buffers copied)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 

@@ -40,6 +40,7 @@ class DemoConfig:
     student_lr: float = 2e-3           # peak: linear warm-up, then cosine decay to 0
     student_warmup: int = 200
     student_grad_clip: float = 1.0
+    parallel_students: bool = True     # train the GET and the ViT at the same time (two processes)
     ema_decay: float = 0.999
     eval_samples: int = 1000
     sweep_samples: int = 500
@@ -86,19 +87,25 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
                              num_steps=config.heun_steps, teacher_hash=digest, progress=progress)
     timings["pairs"] = time.perf_counter() - t
 
-    runs = []
-    for i, model in enumerate((config.student, config.baseline)):
-        t = stage(f"{3 + i}/5 student {model} (same pairs, same budget)")
-        run_dir = out / model.replace("/", "_")
-        scfg = train.TrainConfig(pairs=str(out / "pairs"), out=str(run_dir), model=model, lr=config.student_lr,
-                                 lr_schedule="cosine", warmup=config.student_warmup,
-                                 grad_clip=config.student_grad_clip, batch=config.student_batch,
-                                 steps=config.student_steps, ema_decay=config.ema_decay,
-                                 seed=config.seed, log_every=max(config.student_steps // 100, 1),
-                                 sample_every=max(config.student_steps // 3, 1), ckpt_every=max(config.student_steps // 6, 1))
-        train.train(scfg, progress=progress)
-        runs.append(str(run_dir))
-        timings[model] = time.perf_counter() - t
+    def student_config(model: str) -> train.TrainConfig:
+        steps = config.student_steps
+        return train.TrainConfig(pairs=str(out / "pairs"), out=str(out / model.replace("/", "_")), model=model,
+                                 lr=config.student_lr, lr_schedule="cosine", warmup=config.student_warmup,
+                                 grad_clip=config.student_grad_clip, batch=config.student_batch, steps=steps,
+                                 ema_decay=config.ema_decay, seed=config.seed, log_every=max(steps // 100, 1),
+                                 sample_every=max(steps // 3, 1), ckpt_every=max(steps // 6, 1))
+
+    student, baseline = student_config(config.student), student_config(config.baseline)
+    runs = [student.out, baseline.out]
+    if config.parallel_students:
+        stage(f"3-4/5 students {config.student} and {config.baseline} (same pairs, same budget), "
+                  "trained at the same time in two processes")
+        timings.update(_train_side_by_side(student, baseline, progress))
+    else:
+        for i, scfg in enumerate((student, baseline)):
+            t = stage(f"{3 + i}/5 student {scfg.model} (same pairs, same budget)")
+            train.train(scfg, progress=progress)
+            timings[scfg.model] = time.perf_counter() - t
 
     t = stage("5/5 evaluation")
     ecfg = evaluate.EvalConfig(run=runs[0], baselines=runs[1:], teacher=str(ckpt), heldout=str(out / "pairs-heldout"),
@@ -112,15 +119,61 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     return report
 
 
+def _train_worker(config: dict, threads: int, seconds) -> None:
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    train.train(common.config_from_dict(train.TrainConfig, config), progress=False)
+    seconds.value = time.perf_counter() - t
+
+
+def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, progress: bool) -> dict[str, float]:
+    """Train ``second`` in a child process while this one trains ``first``, each with half the
+    threads. The students' steps are many small operations that a second thread speeds up
+    little, so two single-threaded runs on two cores finish much sooner than one after the
+    other. Returns each run's seconds."""
+    import multiprocessing
+
+    threads = max(torch.get_num_threads() // 2, 1)
+    ctx = multiprocessing.get_context("spawn")
+    seconds = ctx.Value("d", float("nan"))
+    child = ctx.Process(target=_train_worker, args=(common.config_to_dict(second), threads, seconds),
+                        name=f"train {second.model}", daemon=True)
+    print(f"{second.model} trains in a second process ({threads} thread(s) each); "
+          f"its progress: {Path(second.out) / 'log.jsonl'}", flush=True)
+    previous = torch.get_num_threads()
+    t = time.perf_counter()
+    child.start()
+    try:
+        torch.set_num_threads(threads)
+        train.train(first, progress=progress)
+        timings = {first.model: time.perf_counter() - t}
+        child.join()
+    finally:
+        torch.set_num_threads(previous)
+        if child.is_alive():  # this process failed or was interrupted: stop the other run too
+            child.terminate()
+            child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"training {second.model} in its own process failed (exit code {child.exitcode}); "
+                           f"rerun the demo to resume it, or train it alone: python -m examples.get_distillation "
+                           f"train --pairs {second.pairs} --out {second.out} --model {second.model} ...")
+    timings[second.model] = seconds.value
+    return timings
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="demo folder (rerun to reuse finished stages)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in under a minute")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="train the two students one after the other instead of side by side")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
 def main(args: argparse.Namespace) -> int:
     config = DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out)
+    if args.sequential:
+        config = dataclasses.replace(config, parallel_students=False)
     if args.dry_run:
         print(json.dumps(common.config_to_dict(config), indent=2))
         return 0

@@ -232,7 +232,8 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
     common.seed_everything(config.seed)
     model = build_student(config, dataset.image_shape, num_classes).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     step = 0
     ckpt_path = out / "checkpoint.pt"
     cfg = common.config_to_dict(config)
@@ -287,7 +288,7 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(config, step)
         optimizer.step()

@@ -38,3 +38,32 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     # a rerun reuses every finished stage and reproduces the report's numbers
     again = demo.run(demo.DemoConfig.quick(str(out)), progress=False)
     assert again["students"][0]["teacher_match"] == report["students"][0]["teacher_match"]
+
+
+def test_a_failed_side_by_side_run_is_named(tmp_path):
+    """The second student trains in a child process; its failure stops the demo with its name."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from examples.get_distillation import common, pairs, teacher, train
+
+    cfg = teacher.TeacherConfig(out=str(tmp_path / "teacher"), preset="tiny", steps=1, batch=8, sample_every=0)
+    teacher.train(cfg, progress=False)
+    ckpt = tmp_path / "teacher" / "checkpoint.pt"
+    denoiser, info = teacher.load_teacher(ckpt)
+    pairs.generate_pairs(denoiser, tmp_path / "pairs", 32, shard_size=32, batch_size=32, image_shape=(1, 8, 8),
+                         num_classes=info["num_classes"], num_steps=2, teacher_hash=common.sha256_file(ckpt),
+                         progress=False)
+    first = train.TrainConfig(pairs=str(tmp_path / "pairs"), out=str(tmp_path / "a"), model="GET-Tiny/4", batch=16,
+                              steps=2, sample_every=100, ckpt_every=100)
+    second = dataclasses.replace(first, pairs=str(tmp_path / "missing"), out=str(tmp_path / "b"), model="ViT-Tiny/4")
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="training ViT-Tiny/4 in its own process failed"):
+        demo._train_side_by_side(first, second, progress=False)
+    assert (tmp_path / "a" / "checkpoint.pt").exists() and torch.get_num_threads() == threads
+    with pytest.raises(FileNotFoundError):  # the first run fails: the child is stopped, the error is the first's
+        demo._train_side_by_side(dataclasses.replace(first, pairs=str(tmp_path / "missing")),
+                                 dataclasses.replace(second, pairs=first.pairs), progress=False)
+    assert torch.get_num_threads() == threads
