@@ -34,7 +34,7 @@ import deqkit
 from . import common, metrics, models, sampling
 from .pairs import PairDataset
 from .teacher import load_teacher
-from .train import load_student
+from .train import TrainConfig, load_student
 
 
 @dataclasses.dataclass
@@ -126,14 +126,14 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
     rows = []
     runs = [config.run, *config.baselines]
-    for run in runs:
+    for run, label in zip(runs, _labels(runs)):
         model, tcfg = load_student(Path(run) / "checkpoint.pt", device)
         name = tcfg.model
         images = _run_models(model, noise, labels, config.batch)
         h_out = _run_models(model, h_noise, h_labels, config.batch)
         seconds = _throughput(lambda: _run_models(model, speed_noise, speed_labels, config.batch), config.speed_repeats)
         row = {
-            "run": str(run), "model": name, "params": models.count_params(model),
+            "run": str(run), "model": name, "label": label or name, "params": models.count_params(model),
             "backward": tcfg.backward, "solver": tcfg.solver, "train_steps": tcfg.steps,
             "quality": _quality(images, labels, config.cache, digits),
             "teacher_match": {"mse": metrics.mse(h_out, h_target), "psnr": metrics.psnr(h_out, h_target),
@@ -147,8 +147,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             row["train_max_steps"] = tcfg.max_steps
             row["nfe_sweep"] = _nfe_sweep(model, h_noise, h_target, h_labels, noise, labels, config, digits)
         rows.append(row)
-        slug = name.replace("/", "_")
-        common.save_image_grid(images[:100], out / f"samples_{slug}.png", nrow=10, scale=4)
+        common.save_image_grid(images[:100], out / f"samples_{_slug(row)}.png", nrow=10, scale=4)
     report["students"] = rows
     report["plots"] = _plots(report, runs, out)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
@@ -171,6 +170,17 @@ def _nfe_sweep(model, h_noise, h_target, h_labels, noise, labels, config: EvalCo
         sweep[name] = {"psnr": psnrs, "fd_digits": fds or None}
     sweep["fd_samples"] = n
     return sweep
+
+
+def _labels(runs: list) -> list:
+    """None for a run whose preset is unique among ``runs`` (labelled by the preset), else
+    "preset (folder)", so that runs of one preset get their own rows, grids and plots."""
+    presets = [common.load_config(TrainConfig, Path(run) / "config.json").model for run in runs]
+    return [None if presets.count(p) == 1 else f"{p} ({Path(run).name})" for p, run in zip(presets, runs)]
+
+
+def _slug(row: dict) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in row["label"]).strip("_")
 
 
 def _plots(report: dict, runs: list, out: Path) -> list[str]:
@@ -196,9 +206,9 @@ def _plots(report: dict, runs: list, out: Path) -> list[str]:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.suptitle(f"{row['model']}: quality against inference cost")
+        fig.suptitle(f"{row['label']}: quality against inference cost")
         fig.tight_layout()
-        name = f"nfe_sweep_{row['model'].replace('/', '_')}.png"
+        name = f"nfe_sweep_{_slug(row)}.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         files.append(name)
@@ -208,7 +218,7 @@ def _plots(report: dict, runs: list, out: Path) -> list[str]:
         log = Path(run) / "log.jsonl"
         if log.exists():
             recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=row["model"])
+            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=row["label"])
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss (fixed-point corrected L1)")
     ax.set_yscale("log")
@@ -237,7 +247,7 @@ def _markdown(report: dict) -> str:
                  f"{_fmt(tq.get('class_accuracy'), '.3f')} | - | {_fmt(t['images_per_second'], '.0f')} | 1.0x |")
     for row in report["students"]:
         q = row["quality"]
-        lines.append(f"| {row['model']} | {row['params'] / 1e6:.2f}M | 1 | {_fmt(q.get('fd_digits'))} | "
+        lines.append(f"| {row['label']} | {row['params'] / 1e6:.2f}M | 1 | {_fmt(q.get('fd_digits'))} | "
                      f"{_fmt(row.get('fd_ratio_to_teacher'))} | "
                      f"{_fmt(q.get('class_accuracy'), '.3f')} | {_fmt(row['teacher_match']['psnr'])} | "
                      f"{_fmt(row['images_per_second'], '.0f')} | {_fmt(row['speedup_vs_teacher'], '.1f')}x |")
@@ -248,17 +258,20 @@ def _markdown(report: dict) -> str:
     for row in report["students"]:
         sweep = row.get("nfe_sweep")
         if sweep:
-            lines += ["", f"## {row['model']}: quality against fixed-point iterations", "",
+            lines += ["", f"## {row['label']}: quality against fixed-point iterations", "",
+                      f"PSNR against the teacher on the {row['teacher_match']['n']} held-out pairs; FD-digits "
+                      f"on {sweep.get('fd_samples', '-')} samples (compare it only with FDs at that N). "
+                      f"The student was trained with {row.get('train_max_steps', '-')} iterations.", "",
                       "| NFE | " + " | ".join(str(n) for n in sweep["nfe"]) + " |",
                       "|---|" + "---|" * len(sweep["nfe"])]
             for solver in ("FixedPoint", "Anderson(m=5)"):
                 lines.append(f"| PSNR, {solver} | " + " | ".join(f"{v:.2f}" for v in sweep[solver]["psnr"]) + " |")
                 if sweep[solver]["fd_digits"]:
                     lines.append(f"| FD, {solver} | " + " | ".join(f"{v:.2f}" for v in sweep[solver]["fd_digits"]) + " |")
-            lines += ["", f"![NFE sweep](nfe_sweep_{row['model'].replace('/', '_')}.png)"]
+            lines += ["", f"![NFE sweep](nfe_sweep_{_slug(row)}.png)"]
     lines += ["", "## Samples (same noise)", "", "![teacher](samples_teacher.png)"]
     for row in report["students"]:
-        lines.append(f"![{row['model']}](samples_{row['model'].replace('/', '_')}.png)")
+        lines.append(f"![{row['label']}](samples_{_slug(row)}.png)")
     lines += ["", "![loss curves](loss_curves.png)", ""]
     return "\n".join(lines)
 

@@ -241,7 +241,9 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         state = common.load_checkpoint(ckpt_path, map_location=device)
         # more steps may be asked of a resumed run, except where the schedule depends on them
         free = ("steps", "device") if config.lr_schedule == "constant" else ("device",)
-        saved = {k: v for k, v in state["config"].items() if k not in free}
+        # (settings added since the checkpoint was written take their defaults)
+        saved = common.config_to_dict(common.config_from_dict(TrainConfig, state["config"]))
+        saved = {k: v for k, v in saved.items() if k not in free}
         now = {k: v for k, v in cfg.items() if k not in free}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
@@ -384,6 +386,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-every", type=int, default=d.sample_every)
     parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
@@ -418,6 +421,8 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(common.config_to_dict(config), indent=2))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     summary = train(config)
     print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoint in {summary['out']}")
     return 0

@@ -39,6 +39,24 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     again = demo.run(demo.DemoConfig.quick(str(out)), progress=False)
     assert again["students"][0]["teacher_match"] == report["students"][0]["teacher_match"]
 
+    # two runs of one preset get their own rows, sample grids and sweep plots
+    import shutil
+
+    from examples.get_distillation import evaluate
+
+    shutil.copytree(out / "GET-Tiny_4", out / "get-copy")
+    ecfg = evaluate.EvalConfig(run=str(out / "GET-Tiny_4"), baselines=[str(out / "get-copy")],
+                               teacher=str(out / "teacher" / "checkpoint.pt"), heldout=str(out / "pairs-heldout"),
+                               out=str(tmp_path / "eval"), num_samples=300, heun_steps=4, nfe_max=2,
+                               sweep_samples=300, cache=str(out / "cache"))
+    both = evaluate.evaluate(ecfg, progress=False)
+    assert [row["label"] for row in both["students"]] == ["GET-Tiny/4 (GET-Tiny_4)", "GET-Tiny/4 (get-copy)"]
+    assert both["students"][0]["teacher_match"] == both["students"][1]["teacher_match"]
+    text = (tmp_path / "eval" / "report.md").read_text()
+    for slug in ("GET-Tiny_4__GET-Tiny_4", "GET-Tiny_4__get-copy"):
+        assert (tmp_path / "eval" / f"samples_{slug}.png").exists() and f"nfe_sweep_{slug}.png" in text
+        assert (tmp_path / "eval" / f"nfe_sweep_{slug}.png").exists()
+
 
 def test_a_failed_side_by_side_run_is_named(tmp_path):
     """The second student trains in a child process; its failure stops the demo with its name."""

@@ -157,6 +157,16 @@ def test_num_pairs_trains_on_the_first_pairs_only(pair_dir, tmp_path, monkeypatc
     assert sorted(seen) == sorted(list(range(32)) * 2)
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes(pair_dir, tmp_path):
+    config = _config(pair_dir, tmp_path / "run", steps=2, ckpt_every=1)
+    train.train(config, progress=False, stop_after=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = common.load_checkpoint(path)
+    del state["config"]["grad_clip"], state["config"]["lr_schedule"]  # as written before they existed
+    common.save_checkpoint(path, state)
+    assert train.train(config, progress=False)["step"] == 2
+
+
 def test_resume_refuses_a_run_with_other_settings(pair_dir, tmp_path):
     train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)
     with pytest.raises(ValueError, match="other settings"):
