@@ -58,23 +58,17 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
         assert (tmp_path / "eval" / f"nfe_sweep_{slug}.png").exists()
 
 
-def test_a_failed_side_by_side_run_is_named(tmp_path):
+def test_a_failed_side_by_side_run_is_named(tmp_path, tiny_pairs):
     """The second student trains in a child process; its failure stops the demo with its name."""
     import dataclasses
 
     import pytest
     import torch
 
-    from examples.get_distillation import common, pairs, teacher, train
+    from examples.get_distillation import train
 
-    cfg = teacher.TeacherConfig(out=str(tmp_path / "teacher"), preset="tiny", steps=1, batch=8, sample_every=0)
-    teacher.train(cfg, progress=False)
-    ckpt = tmp_path / "teacher" / "checkpoint.pt"
-    denoiser, info = teacher.load_teacher(ckpt)
-    pairs.generate_pairs(denoiser, tmp_path / "pairs", 32, shard_size=32, batch_size=32, image_shape=(1, 8, 8),
-                         num_classes=info["num_classes"], num_steps=2, teacher_hash=common.sha256_file(ckpt),
-                         progress=False)
-    first = train.TrainConfig(pairs=str(tmp_path / "pairs"), out=str(tmp_path / "a"), model="GET-Tiny/4", batch=16,
+    pair_dir = tiny_pairs(tmp_path, 32, heun_steps=2)
+    first = train.TrainConfig(pairs=str(pair_dir), out=str(tmp_path / "a"), model="GET-Tiny/4", batch=16,
                               steps=2, sample_every=100, ckpt_every=100)
     second = dataclasses.replace(first, pairs=str(tmp_path / "missing"), out=str(tmp_path / "b"), model="ViT-Tiny/4")
     threads = torch.get_num_threads()

@@ -11,24 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples.get_distillation import common, pairs, teacher, train
+from examples.get_distillation import common, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def pair_dir(tmp_path_factory) -> Path:
+def pair_dir(tmp_path_factory, tiny_pairs) -> Path:
     """64 class-conditional pairs from a tiny, untrained teacher (4 Heun steps)."""
-    root = tmp_path_factory.mktemp("get-train")
-    torch.manual_seed(0)
-    cfg = teacher.TeacherConfig(out=str(root / "teacher"), preset="tiny", steps=1, batch=8, sample_every=0)
-    teacher.train(cfg, progress=False)
-    ckpt = root / "teacher" / "checkpoint.pt"
-    denoiser, info = teacher.load_teacher(ckpt)
-    pairs.generate_pairs(denoiser, root / "pairs", 64, shard_size=32, batch_size=32, image_shape=(1, 8, 8),
-                         num_classes=info["num_classes"], num_steps=4, teacher_hash=common.sha256_file(ckpt),
-                         progress=False)
-    return root / "pairs"
+    return tiny_pairs(tmp_path_factory.mktemp("get-train"), 64)
 
 
 def _config(pair_dir: Path, out: Path, **kw) -> train.TrainConfig:
