@@ -42,3 +42,25 @@ PER_SAMPLE_SOLVERS = [
     pytest.param(deqkit.Anderson(m=5), id="anderson"),
     pytest.param(deqkit.Broyden(memory=10), id="broyden"),
 ]
+
+
+# The GET example's tests: a small pair set from a tiny teacher trained for one step.
+def make_tiny_pairs(root, num: int, heun_steps: int = 4):
+    """``num`` class-conditional 8x8 pairs in root/pairs (the teacher in root/teacher)."""
+    from examples.get_distillation import common, pairs, teacher
+
+    torch.manual_seed(0)
+    cfg = teacher.TeacherConfig(out=str(root / "teacher"), preset="tiny", steps=1, batch=8, sample_every=0)
+    teacher.train(cfg, progress=False)
+    ckpt = root / "teacher" / "checkpoint.pt"
+    denoiser, info = teacher.load_teacher(ckpt)
+    pairs.generate_pairs(denoiser, root / "pairs", num, shard_size=32, batch_size=32, image_shape=(1, 8, 8),
+                         num_classes=info["num_classes"], num_steps=heun_steps, teacher_hash=common.sha256_file(ckpt),
+                         progress=False)
+    return root / "pairs"
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs():
+    """make_tiny_pairs(root, num, heun_steps=4) -> the pair folder."""
+    return make_tiny_pairs
