@@ -3,7 +3,7 @@
 
 Each creates ``.venv`` beside this file if needed, installs deqkit with the extras it needs,
 and runs. Needs only Python >= 3.10 with pip and venv. Extra arguments go to the command
-(``python3 tasks.py test -k anderson``, ``python3 tasks.py demo --quick --out runs/demo-quick``).
+(``python3 tasks.py test -k anderson``, ``python3 tasks.py demo --quick``, which writes runs/demo-quick).
 The demo is the GET distillation example end to end on the bundled digits.
 """
 

@@ -79,3 +79,14 @@ def test_a_failed_side_by_side_run_is_named(tmp_path, tiny_pairs):
         demo._train_side_by_side(dataclasses.replace(first, pairs=str(tmp_path / "missing")),
                                  dataclasses.replace(second, pairs=first.pairs), progress=False)
     assert torch.get_num_threads() == threads
+
+
+def test_quick_and_full_demos_default_to_separate_folders(capsys):
+    import argparse
+
+    for quick, folder in ((True, "runs/demo-quick"), (False, "runs/demo")):
+        parser = argparse.ArgumentParser()
+        demo.add_arguments(parser)
+        args = parser.parse_args(["--dry-run"] + (["--quick"] if quick else []))
+        assert demo.main(args) == 0
+        assert json.loads(capsys.readouterr().out)["out"] == folder
