@@ -119,7 +119,22 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     return report
 
 
+def _exit_with_parent() -> None:
+    """In the child: end it as soon as the demo process is gone (even killed with SIGKILL),
+    so that no orphan keeps writing the run folder that a rerun of the demo will resume."""
+    import multiprocessing
+    import os
+
+    parent = multiprocessing.parent_process()
+    while parent is not None and parent.is_alive():
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _train_worker(config: dict, threads: int, seconds) -> None:
+    import threading
+
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     torch.set_num_threads(threads)
     t = time.perf_counter()
     train.train(common.config_from_dict(train.TrainConfig, config), progress=False)
@@ -130,31 +145,65 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     """Train ``second`` in a child process while this one trains ``first``, each with half the
     threads. The students' steps are many small operations that a second thread speeds up
     little, so two single-threaded runs on two cores finish much sooner than one after the
-    other. Returns each run's seconds."""
+    other. Returns each run's seconds.
+
+    If the child fails, this process stops its own run at once and raises an error naming the
+    child's model; if this process fails or is interrupted, the child is stopped; if it is
+    killed, the child notices within a second and exits. Either way a rerun resumes both runs
+    from their last checkpoints.
+    """
+    import _thread
     import multiprocessing
+    import multiprocessing.connection
+    import threading
 
     threads = max(torch.get_num_threads() // 2, 1)
     ctx = multiprocessing.get_context("spawn")
     seconds = ctx.Value("d", float("nan"))
     child = ctx.Process(target=_train_worker, args=(common.config_to_dict(second), threads, seconds),
                         name=f"train {second.model}", daemon=True)
-    print(f"{second.model} trains in a second process ({threads} thread(s) each); "
-          f"its progress: {Path(second.out) / 'log.jsonl'}", flush=True)
+    child_failed, finished, lock = threading.Event(), threading.Event(), threading.Lock()
+
+    def exit_code() -> int:
+        # two threads wait for the child; the one that does not reap it sees the code shortly after
+        multiprocessing.connection.wait([child.sentinel])
+        while child.exitcode is None:
+            time.sleep(0.01)
+        return child.exitcode
+
+    def watch() -> None:  # stop this process's run as soon as the child fails
+        code = exit_code()
+        with lock:  # interrupt only while the main thread is still inside the try below
+            if code != 0 and not finished.is_set():
+                child_failed.set()
+                _thread.interrupt_main()
+
     previous = torch.get_num_threads()
     t = time.perf_counter()
     child.start()
+    print(f"{second.model} trains in a second process (pid {child.pid}; {threads} thread(s) each); "
+          f"its progress: {Path(second.out) / 'log.jsonl'}", flush=True)
+    threading.Thread(target=watch, daemon=True).start()
+    timings: dict[str, float] = {}
     try:
         torch.set_num_threads(threads)
         train.train(first, progress=progress)
-        timings = {first.model: time.perf_counter() - t}
-        child.join()
+        timings[first.model] = time.perf_counter() - t
+        exit_code()
+        with lock:
+            finished.set()
+    except KeyboardInterrupt:
+        if not child_failed.is_set():
+            raise
     finally:
+        with lock:
+            finished.set()
         torch.set_num_threads(previous)
         if child.is_alive():  # this process failed or was interrupted: stop the other run too
             child.terminate()
-            child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"training {second.model} in its own process failed (exit code {child.exitcode}); "
+        code = exit_code()
+    if code != 0:
+        raise RuntimeError(f"training {second.model} in its own process failed (exit code {code}); "
                            f"rerun the demo to resume it, or train it alone: python -m examples.get_distillation "
                            f"train --pairs {second.pairs} --out {second.out} --model {second.model} ...")
     timings[second.model] = seconds.value

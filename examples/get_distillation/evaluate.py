@@ -174,9 +174,18 @@ def _nfe_sweep(model, h_noise, h_target, h_labels, noise, labels, config: EvalCo
 
 def _labels(runs: list) -> list:
     """None for a run whose preset is unique among ``runs`` (labelled by the preset), else
-    "preset (folder)", so that runs of one preset get their own rows, grids and plots."""
-    presets = [common.load_config(TrainConfig, Path(run) / "config.json").model for run in runs]
-    return [None if presets.count(p) == 1 else f"{p} ({Path(run).name})" for p, run in zip(presets, runs)]
+    "preset (folder)" (with its position when folder names repeat too), so that runs of one
+    preset get their own rows, grids and plots."""
+    def preset(run: str) -> str:
+        path = Path(run) / "config.json"
+        if path.exists():
+            return common.load_config(TrainConfig, path).model
+        return common.load_checkpoint(Path(run) / "checkpoint.pt")["config"]["model"]
+
+    presets = [preset(run) for run in runs]
+    labels = [None if presets.count(p) == 1 else f"{p} ({Path(run).name})" for p, run in zip(presets, runs)]
+    return [f"{label} #{i + 1}" if label is not None and labels.count(label) > 1 else label
+            for i, label in enumerate(labels)]
 
 
 def _slug(row: dict) -> str:

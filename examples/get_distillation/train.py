@@ -106,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"lr_min must be in [0, lr={self.lr}], got {self.lr_min!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.lr_schedule == "cosine" and self.warmup >= self.steps - 1 and self.steps > 1:
+            raise ValueError(f"warmup ({self.warmup}) must be below steps - 1 ({self.steps - 1}) for the cosine "
+                             "schedule to decay")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

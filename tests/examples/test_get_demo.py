@@ -58,8 +58,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
         assert (tmp_path / "eval" / f"nfe_sweep_{slug}.png").exists()
 
 
-def test_a_failed_side_by_side_run_is_named(tmp_path, tiny_pairs):
-    """The second student trains in a child process; its failure stops the demo with its name."""
+def test_a_failed_side_by_side_run_is_named_and_stops_the_other_at_once(tmp_path, tiny_pairs):
+    """The second student trains in a child process; its failure stops the demo's own run at
+    once (not after it finishes) with an error naming the child's model."""
     import dataclasses
 
     import pytest
@@ -69,16 +70,67 @@ def test_a_failed_side_by_side_run_is_named(tmp_path, tiny_pairs):
 
     pair_dir = tiny_pairs(tmp_path, 32, heun_steps=2)
     first = train.TrainConfig(pairs=str(pair_dir), out=str(tmp_path / "a"), model="GET-Tiny/4", batch=16,
-                              steps=2, sample_every=100, ckpt_every=100)
+                              steps=3000, log_every=1, sample_every=10_000, ckpt_every=10_000)
     second = dataclasses.replace(first, pairs=str(tmp_path / "missing"), out=str(tmp_path / "b"), model="ViT-Tiny/4")
     threads = torch.get_num_threads()
     with pytest.raises(RuntimeError, match="training ViT-Tiny/4 in its own process failed"):
         demo._train_side_by_side(first, second, progress=False)
-    assert (tmp_path / "a" / "checkpoint.pt").exists() and torch.get_num_threads() == threads
+    steps_run = len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) if (tmp_path / "a" / "log.jsonl").exists() else 0
+    assert steps_run < 3000 and torch.get_num_threads() == threads
     with pytest.raises(FileNotFoundError):  # the first run fails: the child is stopped, the error is the first's
         demo._train_side_by_side(dataclasses.replace(first, pairs=str(tmp_path / "missing")),
                                  dataclasses.replace(second, pairs=first.pairs), progress=False)
     assert torch.get_num_threads() == threads
+
+
+def test_the_child_run_exits_when_the_demo_process_is_killed(tmp_path, tiny_pairs):
+    """A killed demo (SIGKILL: no cleanup runs) must not leave its second student training on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pair_dir = tiny_pairs(tmp_path, 32, heun_steps=2)
+    script = tmp_path / "side_by_side.py"
+    script.write_text(
+        "import dataclasses, sys\n"
+        "from examples.get_distillation import demo, train\n"
+        f"first = train.TrainConfig(pairs={str(pair_dir)!r}, out={str(tmp_path / 'a')!r}, model='GET-Tiny/4', "
+        "batch=16, steps=100000, log_every=1, sample_every=10**6, ckpt_every=10**6)\n"
+        f"second = dataclasses.replace(first, out={str(tmp_path / 'b')!r}, model='ViT-Tiny/4')\n"
+        "if __name__ == '__main__':  # the spawned child imports this file again\n"
+        "    demo._train_side_by_side(first, second, progress=False)\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        line = proc.stdout.readline()
+        child = int(line.split("(pid ")[1].split(";")[0])
+        log = tmp_path / "b" / "log.jsonl"
+        deadline = time.time() + 120
+        while not log.exists() and proc.poll() is None and time.time() < deadline:  # the child is training
+            time.sleep(0.2)
+        assert log.exists(), "the child never started training"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state not in ("Z", "X")  # a zombie has exited; only its reaper is missing
+
+    deadline = time.time() + 15
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child kept training after the demo process was killed")
 
 
 def test_quick_and_full_demos_default_to_separate_folders(capsys):
@@ -90,3 +142,25 @@ def test_quick_and_full_demos_default_to_separate_folders(capsys):
         args = parser.parse_args(["--dry-run"] + (["--quick"] if quick else []))
         assert demo.main(args) == 0
         assert json.loads(capsys.readouterr().out)["out"] == folder
+
+
+def test_run_labels_are_unique_even_when_folder_names_repeat(tmp_path):
+    from examples.get_distillation import common, evaluate, train
+
+    runs = []
+    for parent, name, model in (("a", "GET-Tiny_4", "GET-Tiny/4"), ("b", "GET-Tiny_4", "GET-Tiny/4"),
+                                ("b", "vit", "ViT-Tiny/4"), ("c", "other", "GET-Tiny/4")):
+        run = tmp_path / parent / name
+        run.mkdir(parents=True)
+        common.save_config(run / "config.json", train.TrainConfig(pairs="p", out=str(run), model=model))
+        runs.append(str(run))
+    only_checkpoint = tmp_path / "d" / "copied"  # a run folder without its config.json
+    only_checkpoint.mkdir(parents=True)
+    common.save_checkpoint(only_checkpoint / "checkpoint.pt",
+                           {"config": common.config_to_dict(train.TrainConfig(pairs="p", out="x", model="ViT-Tiny/4"))})
+    runs.append(str(only_checkpoint))
+    labels = evaluate._labels(runs)
+    assert labels == ["GET-Tiny/4 (GET-Tiny_4) #1", "GET-Tiny/4 (GET-Tiny_4) #2", "ViT-Tiny/4 (vit)",
+                      "GET-Tiny/4 (other)", "ViT-Tiny/4 (copied)"]
+    slugs = [evaluate._slug({"label": label}) for label in labels]
+    assert len(set(slugs)) == len(slugs)

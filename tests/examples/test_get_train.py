@@ -204,6 +204,8 @@ def test_bad_settings_are_named(pair_dir, tmp_path):
         _config(pair_dir, tmp_path, lr_min=1.0).validate()
     with pytest.raises(ValueError, match="warmup"):
         _config(pair_dir, tmp_path, warmup=-1).validate()
+    with pytest.raises(ValueError, match=r"warmup \(5\) must be below steps - 1 \(5\)"):
+        _config(pair_dir, tmp_path, lr_schedule="cosine", warmup=5, steps=6).validate()
     with pytest.raises(ValueError, match="grad_clip"):
         _config(pair_dir, tmp_path, grad_clip=0.0).validate()
     with pytest.raises(ValueError, match="weight_decay"):
