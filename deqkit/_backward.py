@@ -1,43 +1,141 @@
 """Backward modes: how a gradient gets through the fixed point.
 
-Each mode is a frozen record of hyperparameters. ``fixed_point`` asks it whether the forward
-iterations must be recorded by autograd (only ``Unrolled``) and then hands it the solved
-iterate to attach the graph it wants. Every mode pairs with every solver.
+Each mode is a frozen record of hyperparameters that owns everything about how the forward
+solve is recorded: whether the forward iterations themselves run under autograd
+(``records_forward``), how each call of f is wrapped while they do (``wrap``), which solvers
+and options it can honour (``check``), and, for modes that do not record the forward, the
+gradient it gives a tensor the solve returns (``attach``). ``fixed_point`` asks these
+questions and names no concrete mode.
+
+The rules every mode keeps:
+
+* The value is the solve's: ``attach`` returns a tensor equal, bit for bit, to the forward
+  value it is given; the mode only decides its gradient. So a solve returns the same value
+  with or without autograd, in ``train()`` or ``eval()``.
+* ``Solution.value`` and every tensor in ``Solution.trajectory`` carry the mode's gradient,
+  each at its own iterate.
+* Higher-order gradients are exact for the mode's own surrogate (``Unrolled``: the iterations
+  run; ``OneStep``: one call of f; ``Phantom``: its damped steps) or refused (``Implicit``
+  raises under ``create_graph=True``).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
-from ._result import BackwardStats, Result, Stats, worst
+from ._options import SolveOptions, check_solver
+from ._result import BackwardLog, BackwardStats, Result, worst
 from .solvers._base import check_positive, check_positive_int, check_unit_interval
+
+Call = Callable[[Tensor], Tensor]
 
 
 class AbstractBackward(abc.ABC):
-    """Base class of the backward modes."""
+    """Base class of the backward modes; the contract between a mode and the solve.
 
-    #: True when the forward iterations themselves must run under autograd.
+    A mode of your own subclasses this and implements ``surrogate`` (or sets
+    ``records_forward = True``): ``attach`` then gives every returned tensor the surrogate's
+    gradient with the solve's value.
+    """
+
+    #: True when the forward iterations themselves run under autograd (the value's graph is
+    #: the solver's own arithmetic), so nothing is attached afterwards.
     records_forward: bool = False
 
-    @abc.abstractmethod
-    def attach(self, call: Callable[[Tensor], Tensor], z_star: Tensor, fz_star: Tensor, stats: Stats, throw: bool) -> tuple[Tensor, tuple]:
-        """Return the solve's value with this mode's graph, and any extra iterates it made."""
+    def check(self, solver: Any, options: SolveOptions) -> None:
+        """Raise ValueError, naming the combination, if this mode cannot give its gradient
+        for a solve with ``solver`` and ``options``. Called before the solve starts."""
+
+    def wrap(self, f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """How each call ``f(z, *inputs)`` of the forward loop is made (default: as it is)."""
+        return f
+
+    def surrogate(self, call: Call, z: Tensor, log: BackwardLog, throw: bool) -> Optional[Tensor]:
+        """A tensor whose gradient this mode gives the image ``f(z)`` (its value is not used);
+        None when nothing in f needs a gradient. ``call`` is one counted call of f with autograd."""
+        raise NotImplementedError(f"{type(self).__name__} records the forward iterations; it attaches nothing")
+
+    def attach(self, call: Call, z: Tensor, fz: Tensor, log: BackwardLog, throw: bool) -> Tensor:
+        """``fz`` (= f(z) from the forward solve, no graph), with this mode's gradient.
+
+        The value is ``fz`` exactly: ``fz + (g - g.detach())`` adds an exact zero, and the
+        gradient flows to ``g``, the surrogate.
+        """
+        g = self.surrogate(call, z, log, throw)
+        if g is None or g.grad_fn is None:
+            return fz
+        return fz + (g - g.detach())
+
+
+@contextlib.contextmanager
+def _reuse_parametrize_cache(cache: Optional[dict]) -> Iterator[None]:
+    """Recompute a checkpointed call with the normalised weights its first pass used."""
+    if cache is None:
+        yield
+        return
+    saved = parametrize._cache
+    parametrize._cache = cache
+    parametrize._cache_enabled += 1
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled -= 1
+        parametrize._cache = saved
+
+
+def _live_parametrize_cache() -> Optional[dict]:
+    """The dict of parametrised tensors cached by the running ``parametrize.cached()``, if any."""
+    if getattr(parametrize, "_cache_enabled", 0) and isinstance(getattr(parametrize, "_cache", None), dict):
+        return parametrize._cache
+    return None
+
+
+def _checkpointed(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``f`` with activation checkpointing on every call after the first, under autograd.
+
+    A solve computes normalised weights (``deqkit.nn.apply_norm``) once, in a
+    ``parametrize.cached()`` scope. The first call runs without checkpointing so that those
+    weights are computed outside every checkpoint; each recomputation in the backward pass then
+    reads the same cached tensors the original call read (same values, same graph, no second
+    power iteration of spectral norm).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    first = [True]
+
+    def call(z: Tensor, *inputs: Any) -> Tensor:
+        if not torch.is_grad_enabled() or first[0]:
+            first[0] = False
+            return f(z, *inputs)
+        cache = _live_parametrize_cache()
+        return checkpoint(
+            f, z, *inputs, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _reuse_parametrize_cache(cache)),
+        )
+
+    return call
 
 
 @dataclasses.dataclass(frozen=True)
 class Unrolled(AbstractBackward):
     """Back-propagate through every forward iteration (the solver's arithmetic included).
 
-    Exact for the iterations actually run, whatever the solver; memory grows with the number
-    of iterations, unless ``checkpoint=True`` recomputes each call of f in the backward pass
-    (flat activation memory for roughly one extra forward). GET trains this way: six plain
-    iterations from a random start, every iterate supervised.
+    Exact for the iterations actually run, whatever the solver, higher derivatives included;
+    memory grows with the number of iterations, unless ``checkpoint=True`` recomputes each call
+    of f in the backward pass (activation memory of about one call, for roughly one extra
+    forward). GET trains this way: six plain iterations from a random start
+    (``max_steps=6, tol=None``), every iterate supervised.
+
+    Needs a solver whose loop autograd can see: ``TorchDEQSolver`` (torchdeq detaches its
+    iterates) is refused.
 
     Args:
         checkpoint: recompute each call of f during backward instead of storing activations.
@@ -46,8 +144,19 @@ class Unrolled(AbstractBackward):
     checkpoint: bool = False
     records_forward = True
 
-    def attach(self, call, z_star, fz_star, stats, throw):
-        return fz_star, ()
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, bool):
+            raise TypeError(f"checkpoint must be True or False, got {self.checkpoint!r}")
+
+    def check(self, solver, options):
+        if not getattr(solver, "differentiable", True):
+            raise ValueError(
+                f"backward=Unrolled() cannot differentiate through {solver!r}: its iterations are not "
+                "recorded by autograd. Use Implicit(), Phantom() or OneStep() with it, or a deqkit solver."
+            )
+
+    def wrap(self, f):
+        return _checkpointed(f) if self.checkpoint else f
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +168,18 @@ class OneStep(AbstractBackward):
     "JFB: Jacobian-free backpropagation for implicit networks", 2022).
     """
 
-    def attach(self, call, z_star, fz_star, stats, throw):
-        return call(z_star.detach()), ()
+    def surrogate(self, call, z, log, throw):
+        return call(z.detach())
 
 
 @dataclasses.dataclass(frozen=True)
 class Phantom(AbstractBackward):
     """Phantom gradient: ``steps`` damped iterations from ``z*`` carry the gradient.
 
-    ``z <- (1 - tau) z + tau f(z)``, ``steps`` times, starting at the detached solution; the
-    value returned is the last of them. As ``steps`` grows (with ``tau`` = 1) the gradient
+    The gradient is that of ``z <- (1 - tau) z + tau f(z)``, ``steps`` times, from the detached
+    solution ``z*``. The steps are not part of the value: the solve returns ``f(z*)`` in every
+    mode, with or without autograd (torchdeq returns the last damped step in training instead;
+    the two agree at a fixed point). As ``steps`` grows (with ``tau`` = 1) the gradient
     approaches the implicit one (Geng et al., "On training implicit models", 2021).
 
     Args:
@@ -79,18 +190,16 @@ class Phantom(AbstractBackward):
     steps: int = 5
     tau: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
         check_unit_interval("tau", self.tau)
 
-    def attach(self, call, z_star, fz_star, stats, throw):
-        z = z_star.detach()
-        iterates = []
+    def surrogate(self, call, z, log, throw):
+        z = z.detach()
         for _ in range(self.steps):
             fz = call(z)
             z = fz if self.tau == 1.0 else (1 - self.tau) * z + self.tau * fz
-            iterates.append(z)
-        return z, tuple(iterates)
+        return z
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +207,15 @@ class Implicit(AbstractBackward):
     """Implicit differentiation: solve the adjoint fixed point ``u = J_f(z*)^T u + g``.
 
     The forward solve keeps no graph; one call ``f(z*)`` with autograd on gives the
-    vector-Jacobian products, and the adjoint is solved with a deqkit solver, so memory does not
-    grow with the number of forward iterations. Exact when the forward solve converged.
+    vector-Jacobian products, and the adjoint is solved with a deqkit solver (any solver,
+    ``TorchDEQSolver`` included), so memory does not grow with the number of forward
+    iterations. Exact when the forward solve converged. Each tensor of ``Solution.trajectory``
+    gets the implicit gradient at its own iterate, as torchdeq gives it.
+
     The adjoint solve's residual, steps and Result are appended to ``stats.backward``; a failed
     adjoint solve raises (NONFINITE, DIVERGED) or warns (MAX_STEPS) rather than being used
-    silently.
+    silently. Second derivatives (``create_graph=True`` through the solve) are refused with an
+    error: use ``Unrolled`` where they are needed.
 
     Args:
         solver: the adjoint solver (default ``Anderson(m=5)``).
@@ -116,43 +229,37 @@ class Implicit(AbstractBackward):
     max_steps: int = 100
     stop_mode: str = "rel"
 
-    def __post_init__(self):
-        check_positive("tol", self.tol)
-        check_positive_int("max_steps", self.max_steps)
-        if self.stop_mode not in ("abs", "rel"):
-            raise ValueError(f"stop_mode must be 'abs' or 'rel', got {self.stop_mode!r}")
-        if self.solver is not None and not (hasattr(self.solver, "step") and hasattr(self.solver, "init")):
-            raise TypeError(f"Implicit(solver=...) needs a solver with init/step, got {self.solver!r}")
+    def __post_init__(self) -> None:
+        if self.tol is None:
+            raise ValueError("Implicit(tol=None) is not allowed: the adjoint solve needs a tolerance > 0")
+        self.options()  # checks tol, stop_mode and max_steps with the solve's own rules
+        if self.solver is not None:
+            check_solver(self.solver, "Implicit(solver=...)")
 
-    def attach(self, call, z_star, fz_star, stats, throw):
-        z_req = z_star.detach().requires_grad_(True)
+    def options(self) -> SolveOptions:
+        """The options of the adjoint solve."""
+        return SolveOptions(tol=self.tol, stop_mode=self.stop_mode, max_steps=self.max_steps, divergence=1e4, throw=False)
+
+    def surrogate(self, call, z, log, throw):
+        z_req = z.detach().requires_grad_(True)
         fz = call(z_req)
-        if not _needs_grad_besides(fz, z_req):  # nothing to differentiate: plain value
-            return fz.detach(), ()
-        return _ImplicitAdjoint.apply(fz, z_req, self, stats, throw), ()
+        if not _needs_grad_besides(fz, z_req):  # nothing in f needs a gradient
+            return None
+        return _ImplicitAdjoint.apply(fz, z_req, self, log, throw)
 
-    def adjoint(self, fz: Tensor, z_req: Tensor, grad: Tensor, stats: Stats, throw: bool) -> Tensor:
+    def adjoint(self, fz: Tensor, z_req: Tensor, grad: Tensor, log: BackwardLog, throw: bool) -> Tensor:
         """Solve ``u = J^T u + grad`` with vector-Jacobian products through ``fz = f(z_req)``."""
-        from ._loop import Problem, iterate
+        from ._loop import Problem, run_solver
         from .solvers import Anderson
 
         def vjp_map(u: Tensor) -> Tensor:
             (ju,) = torch.autograd.grad(fz, z_req, u, retain_graph=True)
             return ju + grad
 
-        problem = Problem(vjp_map, grad)
         with torch.no_grad():
-            out = iterate(
-                self.solver if self.solver is not None else Anderson(m=5),
-                problem,
-                grad,
-                tol=self.tol,
-                stop_mode=self.stop_mode,
-                max_steps=self.max_steps,
-                divergence=1e4,
-            )
+            out = run_solver(self.solver if self.solver is not None else Anderson(m=5), Problem(vjp_map, grad), grad, self.options())
         result = worst(out.status)
-        stats.backward.append(BackwardStats(out.nfev, out.steps, out.residual, result))
+        log.append(BackwardStats(out.nfev, out.steps, out.residual, result))
         if result in (Result.NONFINITE, Result.DIVERGED):
             if throw:
                 raise RuntimeError(
@@ -192,17 +299,21 @@ class _ImplicitAdjoint(torch.autograd.Function):
     """Identity forward; backward replaces the incoming gradient g by the adjoint solution u."""
 
     @staticmethod
-    def forward(ctx, fz, z_req, mode, stats, throw):
+    def forward(ctx, fz, z_req, mode, log, throw):
         ctx.graph = (fz, z_req)  # the one-call graph used for vector-Jacobian products
-        ctx.mode, ctx.stats, ctx.throw = mode, stats, throw
+        ctx.mode, ctx.log, ctx.throw = mode, log, throw
         return fz.view_as(fz)
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "second derivatives through backward=Implicit() are not supported (a backward pass "
+                "with create_graph=True reached an implicit solve): the adjoint solve is not itself "
+                "differentiated, so the result would be wrong. Use backward=Unrolled() (exact through "
+                "the iterations run) where higher-order gradients are needed, e.g. forces -dE/dx in a loss."
+            )
         fz, z_req = ctx.graph
         with torch.enable_grad():
-            u = ctx.mode.adjoint(fz, z_req, grad.detach(), ctx.stats, ctx.throw)
-        if torch.is_grad_enabled():  # create_graph=True: one differentiable adjoint step at u*
-            (ju,) = torch.autograd.grad(fz, z_req, u, retain_graph=True, create_graph=True)
-            u = ju + grad
+            u = ctx.mode.adjoint(fz, z_req, grad.detach(), ctx.log, ctx.throw)
         return u, None, None, None, None

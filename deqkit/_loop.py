@@ -12,26 +12,49 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._context import rows_scope
+from ._options import SolveOptions
 from ._result import Result
 
 _RUNNING = -1
 _SUCCESS, _DIVERGED, _NONFINITE, _MAX_STEPS = (int(r) for r in (Result.SUCCESS, Result.DIVERGED, Result.NONFINITE, Result.MAX_STEPS))
 
 
-def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample ``(||f(z) - z||, ||f(z)||)``: L2 over all dims but the first, in float32+. No graph."""
-    dtype = torch.promote_types(z.dtype, torch.float32)
-    b = z.shape[0]
+def _flat_norm(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype)
+
+
+def scaled_norm(x: Tensor) -> Tensor:
+    """Per-sample L2 norm in float64 that cannot overflow: ``max|x| * ||x / max|x|||``.
+
+    Finite for every finite ``x``; NaN when ``x`` holds Inf or NaN. No graph.
+    """
     with torch.no_grad():
-        diff = torch.linalg.vector_norm((fz - z).reshape(b, -1), dim=1, dtype=dtype)
-        size = torch.linalg.vector_norm(fz.reshape(b, -1), dim=1, dtype=dtype)
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        top = flat.abs().amax(dim=1, keepdim=True)
+        safe = torch.where(top > 0, top, torch.ones_like(top))
+        return (torch.linalg.vector_norm(flat / safe, dim=1) * safe.squeeze(1)).to(torch.promote_types(x.dtype, torch.float32))
+
+
+def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ``(||f(z) - z||, ||f(z)||)``: L2 over all dims but the first, in float32+. No graph.
+
+    The fast norm's sum of squares overflows for entries above about 1e19 in float32; where a
+    norm comes out non-finite it is recomputed with ``scaled_norm``, so a finite ``f(z)`` always
+    has finite norms and a non-finite one gives NaN (never a residual of ``inf / inf``).
+    """
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    with torch.no_grad():
+        diff = _flat_norm(fz - z, dtype)
+        size = _flat_norm(fz, dtype)
+        if not bool(torch.isfinite(diff).all() & torch.isfinite(size).all()):
+            diff, size = scaled_norm(fz - z), scaled_norm(fz)
     return diff, size
 
 
@@ -46,11 +69,22 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _versions(tensors: Sequence[Any]) -> tuple:
+    return tuple(t._version if isinstance(t, Tensor) else None for t in tensors)
+
+
 class Problem:
     """The map being solved, as solver steps see it: counted calls, JVPs, the active mask.
 
     ``f(z, *inputs)`` is called on the whole batch, or with ``active_set=True`` on the rows of
-    samples still iterating (inputs whose first dim is the batch are sliced to match).
+    samples still iterating: every tensor in ``inputs`` is then per-sample (its first dim is the
+    batch) and is sliced along with z; shared tensors belong in f's closure or module.
+    ``wrap`` (from the backward mode) wraps each call of f while autograd records it, e.g.
+    ``Unrolled(checkpoint=True)``'s activation checkpointing.
+
+    Every call checks that f left z and the inputs unchanged (tensor version counters) and
+    returned z's shape, dtype and device; an exception raised by f reaches the caller with its
+    own type.
     """
 
     def __init__(
@@ -59,14 +93,23 @@ class Problem:
         z0: Tensor,
         inputs: Sequence[Any] = (),
         active_set: bool = False,
-        checkpoint: bool = False,
+        wrap: Optional[Callable[[Callable[..., Tensor]], Callable[..., Tensor]]] = None,
     ):
         self._f = f
+        self._call_f = wrap(f) if wrap is not None else f
         self._inputs = tuple(inputs)
         self._batch = z0.shape[0]
         self._shape, self._dtype, self._device = z0.shape, z0.dtype, z0.device
         self.active_set = active_set
-        self.checkpoint = checkpoint
+        if active_set:
+            for i, x in enumerate(self._inputs):
+                if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != self._batch):
+                    raise ValueError(
+                        f"with active_set=True every tensor in inputs= is per-sample and sliced with z, so its "
+                        f"first dim must be the batch size {self._batch}; inputs[{i}] has shape {tuple(x.shape)}. "
+                        "Pass tensors shared by all samples (weights, per-feature vectors) through f's closure "
+                        "or module instead."
+                    )
         self._active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
         self._idx: Tensor | None = None  # rows still iterating, None when all are
         self.nfev = 0
@@ -86,12 +129,14 @@ class Problem:
 
     # -- evaluation -------------------------------------------------------------------------
     def _call(self, z: Tensor, inputs: tuple) -> Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            out = checkpoint(self._f, z, *inputs, use_reentrant=False)
-        else:
-            out = self._f(z, *inputs)
+        before = _versions((z, *inputs))
+        out = self._call_f(z, *inputs)
+        if _versions((z, *inputs)) != before:
+            changed = [name for name, a, b in zip(["z"] + [f"inputs[{i}]" for i in range(len(inputs))], before, _versions((z, *inputs))) if a != b]
+            raise ValueError(
+                f"f changed its argument(s) {changed} in place (e.g. z.mul_(...)); the solver keeps and "
+                "reuses its iterates, so f must compute its result out of place (z * 0.5, not z.mul_(0.5))"
+            )
         return self._check(out, z)
 
     def _check(self, out: Any, z: Tensor) -> Tensor:
@@ -130,21 +175,19 @@ class Problem:
         if not self.active_set or previous is None or idx is None:
             return self.f(z)
         n_active = idx.numel()
-        inputs = tuple(
-            x.index_select(0, idx) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == self._batch else x
-            for x in self._inputs
-        )
+        inputs = tuple(x.index_select(0, idx) if isinstance(x, Tensor) else x for x in self._inputs)
         self.nfev += 1
         self.sample_evals += n_active
         with rows_scope(idx):
             try:
                 out = self._call(z.index_select(0, idx), inputs)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"f failed when called on {n_active} of {self._batch} samples (active_set=True): {err}. "
-                    "With active_set=True, pass per-sample inputs through `inputs=` instead of capturing "
-                    "them in f, so their rows are sliced along with z's."
-                ) from err
+            except Exception as err:  # f's own exception, type unchanged, with where it happened
+                if hasattr(err, "add_note"):
+                    err.add_note(
+                        f"deqkit: raised by f called on {n_active} of {self._batch} samples (active_set=True); "
+                        "f must treat samples independently, with per-sample inputs passed through inputs=."
+                    )
+                raise
         return previous.index_copy(0, idx, out)
 
     def jvp(self, z: Tensor, v: Tensor, fz: Tensor | None = None, method: str = "auto") -> Tensor:
@@ -180,36 +223,31 @@ class Problem:
         hb = h.reshape((-1,) + (1,) * (z.dim() - 1)).to(z.dtype)
         return (self.f(z + hb * v.to(z.dtype)) - fz) / hb
 
+
 @dataclasses.dataclass
 class LoopOutput:
-    best_z: Tensor        # each sample's best iterate z_k
+    """What a forward loop hands back to the solve: per-sample best iterates and the record."""
+
+    best_z: Tensor        # each sample's best iterate z_k (the last one when tol is None)
     best_fz: Tensor       # f(best_z), the value a solve returns
-    residual: Tensor      # (B,) residual of best_z
+    residual: Tensor      # (B,) residual of best_z, in stop_mode
     status: Tensor        # (B,) Result codes
     steps: Tensor         # (B,) iterations each sample took part in
     trace: Tensor         # (B, T)
-    trajectory: tuple     # last k images f(z_k), oldest first
+    trajectory: tuple     # last k pairs (z_i, f(z_i)), oldest first
     nfev: int
     sample_evals: int
 
 
-def iterate(
-    solver: Any,
-    problem: Problem,
-    z0: Tensor,
-    *,
-    tol: float,
-    stop_mode: str,
-    max_steps: int,
-    divergence: float | None,
-    trajectory: int = 0,
-) -> LoopOutput:
+def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) -> LoopOutput:
     """Run ``solver`` from ``z0`` until every sample has stopped or ``max_steps`` have run.
 
     Per-sample bookkeeping (status, steps, best residual, trace) lives in small host-side
     numpy arrays: one device-to-host copy of the residual per iteration (the stopping decision
     needs it anyway) replaces a few dozen tiny tensor operations.
     """
+    tol, stop_mode, max_steps, divergence = options.tol, options.stop_mode, options.max_steps, options.divergence
+    fixed = options.fixed_steps
     batch = z0.shape[0]
     device = z0.device
     z = z0
@@ -222,7 +260,7 @@ def iterate(
     diverged_above = None
     best_z, best_fz = z, fz
     trace: list[np.ndarray] = []
-    kept: collections.deque = collections.deque(maxlen=trajectory)
+    kept: collections.deque = collections.deque(maxlen=options.trajectory)
     active = np.ones(batch, dtype=bool)
     res_dtype = torch.promote_types(z0.dtype, torch.float32)
 
@@ -231,13 +269,18 @@ def iterate(
 
     for it in range(1, max_steps + 1):
         # one device-to-host copy: absolute residual and size of f(z), per sample
-        diff, size = torch.stack(residual_norms(z, fz)).cpu().numpy().astype(np.float64)
+        with torch.no_grad():
+            pair = torch.stack([_flat_norm(fz - z, res_dtype), _flat_norm(fz, res_dtype)])
+        diff, size = pair.cpu().numpy().astype(np.float64)
+        if not (np.isfinite(diff).all() and np.isfinite(size).all()):  # overflow, or a NaN/Inf in f(z)
+            diff, size = torch.stack([scaled_norm(fz - z), scaled_norm(fz)]).cpu().numpy().astype(np.float64)
         res = diff if stop_mode == "abs" else diff / (size + 1e-9)
         steps += active
         finite = np.isfinite(res)
         trace.append(np.where(active, res, best_res))  # stopped samples keep their best value
 
-        improved = active & finite & (res < best_res)
+        # with a fixed number of steps the last finite iterate is kept, else the lowest residual
+        improved = active & finite & (True if fixed else res < best_res)
         if improved.all():  # the common case costs no copy
             best_z, best_fz = z, fz
         elif improved.any():
@@ -248,13 +291,13 @@ def iterate(
 
         if diverged_above is None and divergence is not None:  # from the first residual
             diverged_above = divergence * np.maximum(np.where(np.isfinite(diff), diff, 0.0), np.finfo(np.float64).tiny)
-        new_status = np.where(res <= tol, _SUCCESS, _RUNNING)
+        new_status = np.full(batch, _RUNNING) if fixed else np.where(res <= tol, _SUCCESS, _RUNNING)
         if divergence is not None:  # judged on the absolute residual in either stop_mode
             new_status = np.where(diff > diverged_above, _DIVERGED, new_status)
         new_status = np.where(finite, new_status, _NONFINITE)
         status = np.where(active, new_status, status)
         if kept.maxlen:
-            kept.append(fz)
+            kept.append((z, fz))
 
         bad = active & (status >= _DIVERGED)
         now_active = status == _RUNNING
@@ -278,7 +321,7 @@ def iterate(
         z = z_next if active.all() else torch.where(_rows(problem.active, z), z_next, z)
         fz = problem.evaluate(z, fz)
 
-    status = np.where(status == _RUNNING, _MAX_STEPS, status)
+    status = np.where(status == _RUNNING, _SUCCESS if fixed else _MAX_STEPS, status)
     final = np.where(np.isfinite(best_res), best_res, res)
     return LoopOutput(
         best_z=best_z,
@@ -291,3 +334,10 @@ def iterate(
         nfev=problem.nfev,
         sample_evals=problem.sample_evals,
     )
+
+
+def run_solver(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) -> LoopOutput:
+    """Run ``solver``'s loop: its own ``run(problem, z0, options)`` hook if it has one (a solver
+    with its own loop, such as ``TorchDEQSolver``), else the shared loop above."""
+    run = getattr(solver, "run", None)
+    return run(problem, z0, options) if callable(run) else iterate(solver, problem, z0, options)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._backward import AbstractBackward
-from ._result import Solution
-from ._solve import fixed_point
+from ._backward import AbstractBackward, Implicit
+from ._options import SolveOptions, check_backward, check_solver
+from ._result import Solution, SolveError
+from ._solve import _check_start, solve
+from .solvers import Anderson
 
 _INITS = ("zeros", "randn")
 
@@ -72,32 +75,22 @@ class DEQ(nn.Module):
             raise TypeError(f"cell must be callable (an nn.Module), got {type(cell).__name__}")
         if isinstance(init, str) and init not in _INITS:
             raise ValueError(f"init must be one of {_INITS} or a callable, got {init!r}")
+        if solver is not None:
+            check_solver(solver)
+        if backward is not None:
+            check_backward(backward)
         self.cell = cell
         self.solver = solver
         self.backward = backward
         self.init = init
-        self.options = dict(
+        # checked now, not at the first forward
+        self.options = SolveOptions(
             tol=tol, stop_mode=stop_mode, max_steps=max_steps, active_set=active_set,
             divergence=divergence, trajectory=trajectory, throw=throw,
         )
-        # Check the options now, not at the first forward.
-        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-            raise ValueError(f"tol must be a number > 0, got {tol!r}")
-        if stop_mode not in ("abs", "rel"):
-            raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
-        if divergence is not None and (isinstance(divergence, bool) or not (isinstance(divergence, (int, float)) and divergence > 1)):
-            raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
-        if isinstance(trajectory, bool) or not isinstance(trajectory, int) or trajectory < 0:
-            raise ValueError(f"trajectory must be an integer >= 0, got {trajectory!r}")
-        if solver is not None and (isinstance(solver, type) or not (hasattr(solver, "init") and hasattr(solver, "step"))):
-            raise TypeError(f"solver must be a solver object with init() and step() (e.g. deqkit.Anderson()), got {solver!r}")
-        if backward is not None and not isinstance(backward, AbstractBackward):
-            raise TypeError(f"backward must be a backward-mode object (e.g. deqkit.Implicit()), got {backward!r}")
 
     def extra_repr(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        opts = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
         return f"solver={self.solver!r}, backward={self.backward!r}, init={self.init!r}, {opts}"
 
     def _start(self, inputs: tuple) -> Tensor:
@@ -110,14 +103,33 @@ class DEQ(nn.Module):
 
     def forward(self, *inputs: Any, z0: Union[Tensor, Solution, None] = None, **overrides: Any) -> Solution:
         """Solve for the fixed point. ``overrides`` replace options for this call (e.g. ``max_steps``)."""
-        unknown = set(overrides) - set(self.options) - {"solver", "backward"}
+        known = {f.name for f in dataclasses.fields(SolveOptions)}
+        unknown = set(overrides) - known - {"solver", "backward"}
         if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(self.options)} + solver, backward")
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)} + solver, backward")
+        solver = overrides.pop("solver", self.solver)
+        backward = overrides.pop("backward", self.backward)
+        solver = Anderson() if solver is None else solver
+        backward = Implicit() if backward is None else backward
+        check_solver(solver)
+        check_backward(backward)
+        options = dataclasses.replace(self.options, **overrides) if overrides else self.options
         if isinstance(z0, Solution):
             z0 = z0.value
+        shaped_by_input = z0 is None and isinstance(self.init, str)
         z0 = self._start(inputs) if z0 is None else z0.detach()
-        options = {**self.options, "solver": self.solver, "backward": self.backward, **overrides}
+        if not isinstance(z0, Tensor):
+            raise TypeError(f"DEQ's init callable must return a Tensor, got {type(z0).__name__}")
         # fixed_point caches normalised weights once per solve itself; an outer
         # parametrize.cached() here would hand the backward mode the weights computed under
         # no_grad, and the normalised weights would get no gradient.
-        return fixed_point(self.cell, z0, inputs=inputs, **options)
+        _check_start(z0)
+        try:
+            return solve(self.cell, z0, inputs, solver, backward, options)
+        except (RuntimeError, ValueError) as err:  # e.g. a shape mismatch inside the cell
+            if shaped_by_input and hasattr(err, "add_note") and not isinstance(err, SolveError):
+                err.add_note(
+                    f"deqkit.DEQ: the start z0 was shaped like the first input, {tuple(z0.shape)} "
+                    f"(init={self.init!r}); if the state has another shape, pass z0=... or init=callable."
+                )
+            raise

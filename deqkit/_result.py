@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,6 +28,12 @@ class Result(enum.IntEnum):
     @property
     def message(self) -> str:
         return _MESSAGES[self]
+
+    def __str__(self) -> str:  # the name, not the number (IntEnum prints its value since 3.11)
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec) if not spec or spec[-1] not in "bcdoxXn" else format(int(self), spec)
 
 
 _MESSAGES = {
@@ -59,6 +66,19 @@ class BackwardStats:
     """The worst per-sample code of the adjoint solve."""
 
 
+class BackwardLog(list):
+    """The record of the backward passes through one solve: a list of ``BackwardStats``.
+
+    ``Stats`` is built once, when the forward solve ends, and never changes; its ``backward``
+    field is this log, the one part that grows later: each implicit backward pass (an adjoint
+    solve) appends its ``BackwardStats`` when autograd runs it. Empty until then, and for the
+    backward modes that solve nothing (``Phantom``, ``Unrolled``, ``OneStep``).
+    """
+
+    def __repr__(self) -> str:
+        return f"BackwardLog({list.__repr__(self)})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Stats:
     """The record of one forward solve. Batch dimension first; tensors are detached."""
@@ -70,21 +90,34 @@ class Stats:
     residual: Tensor
     """Tensor[B]: the residual of the returned iterate, in ``stop_mode``."""
     converged: Tensor
-    """BoolTensor[B]: ``residual <= tol``."""
+    """BoolTensor[B]: the sample ended with SUCCESS, its residual at most ``tol``. All False
+    with ``tol=None`` (a fixed number of iterations tests nothing)."""
     status: Tensor
     """LongTensor[B]: each sample's ``Result`` code."""
     trace: Tensor
     """Tensor[B, T]: residual after each iteration; after a sample stops, its best residual."""
     stop_mode: str
-    tol: float
+    """"rel" or "abs": the norm ``residual`` and ``trace`` are in."""
+    tol: Optional[float]
+    """The tolerance; None for a fixed number of iterations (``tol=None``)."""
     sample_evals: int
     """Rows of the batch passed through ``f`` in all (with ``active_set`` this is what shrinks)."""
-    backward: list = dataclasses.field(default_factory=list, compare=False)
-    """``BackwardStats`` of each backward pass through this solve, appended when it runs."""
+    backward: BackwardLog = dataclasses.field(default_factory=BackwardLog, compare=False)
+    """``BackwardStats`` of each implicit backward pass through this solve (see ``BackwardLog``)."""
 
     @property
     def batch_size(self) -> int:
+        """The number of samples in the batch."""
         return int(self.steps.shape[0])
+
+    def __repr__(self) -> str:  # a summary; the tensors are one attribute away
+        res = self.residual
+        return (
+            f"Stats(batch_size={self.batch_size}, nfev={self.nfev}, steps={int(self.steps.min())}..{int(self.steps.max())}, "
+            f"residual={float(res.min()):.3g}..{float(res.max()):.3g} ({self.stop_mode}, tol={self.tol}), "
+            f"converged={int(self.converged.sum())}/{self.batch_size}, sample_evals={self.sample_evals}, "
+            f"backward_passes={len(self.backward)})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +134,7 @@ class Solution:
 
     @property
     def success(self) -> bool:
+        """True when every sample ended with SUCCESS."""
         return self.result == Result.SUCCESS
 
     def __repr__(self) -> str:  # a short, readable summary instead of dumping tensors
@@ -116,7 +150,7 @@ def worst(status: Tensor) -> Result:
     return Result(int(status.max())) if status.numel() else Result.SUCCESS
 
 
-def describe_failure(status: Tensor, residual: Tensor, tol: float, stop_mode: str) -> str:
+def describe_failure(status: Tensor, residual: Tensor, tol: Optional[float], stop_mode: str) -> str:
     """A readable sentence naming the failed samples and the reason."""
     code = worst(status)
     bad = torch.nonzero(status == code).flatten().tolist()
@@ -124,5 +158,5 @@ def describe_failure(status: Tensor, residual: Tensor, tol: float, stop_mode: st
     return (
         f"fixed-point solve ended with {code.name}: {code.message} "
         f"(samples [{shown}] of {status.numel()}; max residual {float(residual.max()):.3g} "
-        f"in stop_mode={stop_mode!r}, tol={tol:g}). Pass throw=False to get the Solution instead."
+        f"in stop_mode={stop_mode!r}, tol={tol}). Pass throw=False to get the Solution instead."
     )

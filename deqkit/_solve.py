@@ -10,45 +10,39 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from ._context import solve_scope
-from ._backward import AbstractBackward, Implicit, Unrolled
-from ._loop import Problem, iterate
-from ._result import Result, Solution, SolveError, Stats, describe_failure, worst
-from .solvers import Anderson, TorchDEQSolver
+from ._backward import AbstractBackward, Implicit
+from ._loop import Problem, run_solver
+from ._options import SolveOptions, check_backward, check_solver
+from ._result import BackwardLog, Result, Solution, SolveError, Stats, describe_failure, worst
+from .solvers import Anderson
 
-_STOP_MODES = ("abs", "rel")
 
-
-def _validate(f, z0, solver, backward, tol, stop_mode, max_steps, divergence, trajectory) -> None:
-    if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
+def _check_start(z0: Any) -> None:
     if not isinstance(z0, Tensor):
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if _under_functorch(z0):
+        raise RuntimeError(
+            "fixed_point cannot run inside torch.func transforms (vmap, grad, jacrev, ...): its per-sample "
+            "stopping needs concrete residuals. The batch dimension already vectorises the solve: pass "
+            "the batch as dim 0, and take gradients with torch.autograd (backward=Implicit() or others)."
+        )
     if z0.dim() < 1 or z0.shape[0] == 0:
         raise ValueError(f"z0 must have a non-empty batch dimension first, got shape {tuple(z0.shape)}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
     if not bool(torch.isfinite(z0).all()):
         raise ValueError("z0 contains NaN or Inf; start the solve from a finite tensor")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ValueError(f"tol must be a number > 0, got {tol!r}")
-    if stop_mode not in _STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {_STOP_MODES}, got {stop_mode!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
-    if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
-        raise ValueError(f"divergence must be a number > 1 or None, got {divergence!r}")
-    if isinstance(trajectory, bool) or not isinstance(trajectory, int) or trajectory < 0:
-        raise ValueError(f"trajectory must be an integer >= 0, got {trajectory!r}")
-    if isinstance(solver, type):
-        raise TypeError(f"solver must be a solver object, not a class: use solver={solver.__name__}()")
-    if not (hasattr(solver, "init") and hasattr(solver, "step")):
-        raise TypeError(f"solver must have init() and step() methods, got {solver!r}")
-    if isinstance(backward, type):
-        raise TypeError(f"backward must be a backward-mode object, not a class: use backward={backward.__name__}()")
-    if not isinstance(backward, AbstractBackward):
-        raise TypeError(
-            f"backward must be one of deqkit.Implicit/Phantom/Unrolled/OneStep, got {backward!r}"
-        )
+
+
+def _under_functorch(z: Tensor) -> bool:
+    """True when ``z`` is a torch.func wrapper (vmap's batched or grad's wrapped tensor)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None:
+        return False
+    try:
+        return functorch.maybe_current_level() is not None or functorch.is_batchedtensor(z) or functorch.is_gradtrackingtensor(z)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def fixed_point(
@@ -58,7 +52,7 @@ def fixed_point(
     inputs: Sequence[Any] = (),
     solver: Any = None,
     backward: AbstractBackward | None = None,
-    tol: float = 1e-4,
+    tol: float | None = 1e-4,
     stop_mode: str = "rel",
     max_steps: int = 50,
     active_set: bool = False,
@@ -76,23 +70,32 @@ def fixed_point(
 
     Args:
         f: the map; called as ``f(z, *inputs)``, it must return z's shape, dtype and device
-            (under autocast its output is cast back to z0's dtype).
+            (under autocast its output is cast back to z0's dtype), and must not change its
+            arguments in place (checked). Its exceptions reach the caller with their own type.
         z0: the starting point, shape (B, ...), finite.
-        inputs: extra arguments of f. Pass per-sample inputs here, not in a closure, when
-            ``active_set=True``: their rows are sliced along with z's.
-        solver: how to step (default ``Anderson()``); any object with ``init``/``step``.
-        backward: how to differentiate (default ``Implicit()``).
-        tol: the tolerance on each sample's residual, > 0.
+        inputs: extra arguments of f. With ``active_set=True`` every tensor here is per-sample
+            (first dim B) and is sliced with z; shared tensors go in f's closure or module.
+        solver: how to step (default ``Anderson()``); any object with ``init``/``step``, or a
+            solver with its own loop through the ``run`` hook (``TorchDEQSolver``).
+        backward: how to differentiate (default ``Implicit()``); it decides the gradient of
+            ``Solution.value`` and of every tensor in ``Solution.trajectory``, never their values.
+        tol: the tolerance on each sample's residual, a finite number > 0; or ``None`` for a
+            fixed number of iterations: exactly ``max_steps`` for every sample, no stopping
+            test, the last iterate's image returned.
         stop_mode: "rel" (``||f(z) - z|| / ||f(z)||``) or "abs" (``||f(z) - z||``).
         max_steps: the iteration budget (calls of f) per solve, >= 1.
         active_set: call f only on the samples still iterating. Only for maps without
             cross-sample coupling (no batch norm).
         divergence: a sample whose absolute residual ``||f(z) - z||`` grows past this factor
             times its first value stops with DIVERGED (None: never), whatever ``stop_mode``.
-        trajectory: keep the last ``trajectory`` images ``f(z_k)`` in ``Solution.trajectory``
-            (with gradients under ``Unrolled``; ``Phantom`` returns its own steps).
+        trajectory: keep the images ``f(z_k)`` of the last ``trajectory`` iterates in
+            ``Solution.trajectory`` (oldest first), each with the backward mode's gradient at
+            its own iterate (deep supervision / fixed-point correction).
         throw: raise ``SolveError`` on NONFINITE or DIVERGED (else return the code).
         throw_on_max_steps: also raise when a sample ends with MAX_STEPS.
+
+    The value depends only on (f, z0, inputs, solver, options): never on grad mode, on
+    ``train()``/``eval()`` or on the backward mode.
 
     Example:
         >>> import torch, deqkit
@@ -104,66 +107,75 @@ def fixed_point(
     """
     solver = Anderson() if solver is None else solver
     backward = Implicit() if backward is None else backward
-    _validate(f, z0, solver, backward, tol, stop_mode, max_steps, divergence, trajectory)
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    _check_start(z0)
+    check_solver(solver)
+    check_backward(backward)
     if isinstance(inputs, Tensor) or not isinstance(inputs, (tuple, list)):
         raise TypeError(f"inputs must be a tuple of f's extra arguments, e.g. inputs=(x,), got {type(inputs).__name__}")
-    with solve_scope(z0.shape[0]):
-        return _solve(f, z0, tuple(inputs), solver, backward, tol, stop_mode, max_steps,
-                      active_set, divergence, trajectory, throw, throw_on_max_steps)
-
-
-def _solve(f, z0, inputs, solver, backward, tol, stop_mode, max_steps, active_set, divergence,
-           trajectory, throw, throw_on_max_steps) -> Solution:
-
-    problem = Problem(
-        f, z0, inputs, active_set=active_set,
-        checkpoint=isinstance(backward, Unrolled) and backward.checkpoint,
+    options = SolveOptions(
+        tol=tol, stop_mode=stop_mode, max_steps=max_steps, active_set=active_set, divergence=divergence,
+        trajectory=trajectory, throw=throw, throw_on_max_steps=throw_on_max_steps,
     )
+    return solve(f, z0, tuple(inputs), solver, backward, options)
+
+
+def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple, solver: Any, backward: AbstractBackward,
+          options: SolveOptions) -> Solution:
+    """``fixed_point`` with its options as one checked ``SolveOptions`` record (used by ``DEQ``)."""
+    backward.check(solver, options)
+    with solve_scope(z0.shape[0]):
+        return _solve(f, z0, inputs, solver, backward, options)
+
+
+def _solve(f, z0: Tensor, inputs: tuple, solver: Any, backward: AbstractBackward, options: SolveOptions) -> Solution:
     record = backward.records_forward and torch.is_grad_enabled()
+    problem = Problem(f, z0, inputs, active_set=options.active_set, wrap=backward.wrap if record else None)
     grad_ctx = contextlib.nullcontext() if record else torch.no_grad()
 
     # Parametrised weights (deqkit.nn.apply_norm) are computed once per solve, not once per
     # iteration. The cache must not outlive the forward solve: under no_grad it holds weights
     # without a graph, and the backward mode's own calls below need them with theirs.
     with grad_ctx, parametrize.cached():
-        if isinstance(solver, TorchDEQSolver):
-            best_z, residual, steps, trace = solver.run(problem, z0.detach() if not record else z0, tol=tol, stop_mode=stop_mode, max_steps=max_steps)
-            best_fz = problem.f(best_z)
-            status = torch.where(residual <= tol, int(Result.SUCCESS), int(Result.MAX_STEPS))
-            status = torch.where(torch.isfinite(residual), status, int(Result.NONFINITE))
-            kept = ()
-        else:
-            out = iterate(
-                solver, problem, z0 if record else z0.detach(),
-                tol=tol, stop_mode=stop_mode, max_steps=max_steps,
-                divergence=divergence, trajectory=trajectory,
-            )
-            best_z, best_fz, residual, status, steps, trace, kept = (
-                out.best_z, out.best_fz, out.residual, out.status, out.steps, out.trace, out.trajectory,
-            )
+        out = run_solver(solver, problem, z0 if record else z0.detach(), options)
 
-    stats = Stats(
-        nfev=problem.nfev,
-        steps=steps.detach(),
-        residual=residual.detach(),
-        converged=(status == Result.SUCCESS),
-        status=status.detach(),
-        trace=trace,
-        stop_mode=stop_mode,
-        tol=float(tol),
-        sample_evals=problem.sample_evals,
-    )
-    value = best_fz
-    if torch.is_grad_enabled() and not backward.records_forward:
-        attach_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
+    value = out.best_fz
+    kept = tuple(fz for _, fz in out.trajectory)
+    log = BackwardLog()
+    nfev, sample_evals = out.nfev, out.sample_evals
+    if torch.is_grad_enabled() and not record:
+        # The mode attaches its gradient to the value and to every kept iterate, each at its
+        # own point; values stay the forward's, bit for bit.
+        graph_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
         with parametrize.cached():  # a fresh cache: these weights carry their graph
-            value, extra = backward.attach(attach_problem.f, best_z, best_fz, stats, throw)
-        if extra:
-            kept = extra[-trajectory:] if trajectory else ()
-        object.__setattr__(stats, "nfev", stats.nfev + attach_problem.nfev)
-        object.__setattr__(stats, "sample_evals", stats.sample_evals + attach_problem.sample_evals)
+            attached = {}
 
-    solution = Solution(value=value, result=worst(status), stats=stats, trajectory=tuple(kept))
-    if throw and (solution.result >= Result.DIVERGED or (throw_on_max_steps and solution.result == Result.MAX_STEPS)):
-        raise SolveError(describe_failure(status, residual, tol, stop_mode), solution)
+            def attach(z: Tensor, fz: Tensor) -> Tensor:
+                if id(fz) not in attached:
+                    attached[id(fz)] = backward.attach(graph_problem.f, z, fz, log, options.throw)
+                return attached[id(fz)]
+
+            value = attach(out.best_z, out.best_fz)
+            kept = tuple(attach(z, fz) for z, fz in out.trajectory)
+        nfev += graph_problem.nfev
+        sample_evals += graph_problem.sample_evals
+
+    status = out.status
+    stats = Stats(
+        nfev=nfev,
+        steps=out.steps.detach(),
+        residual=out.residual.detach(),
+        converged=(status == Result.SUCCESS) & (not options.fixed_steps),
+        status=status.detach(),
+        trace=out.trace,
+        stop_mode=options.stop_mode,
+        tol=None if options.tol is None else float(options.tol),
+        sample_evals=sample_evals,
+        backward=log,
+    )
+    solution = Solution(value=value, result=worst(status), stats=stats, trajectory=kept)
+    failed = solution.result >= Result.DIVERGED or (options.throw_on_max_steps and solution.result == Result.MAX_STEPS)
+    if options.throw and failed:
+        raise SolveError(describe_failure(status, out.residual, options.tol, options.stop_mode), solution)
     return solution

@@ -75,9 +75,9 @@ def test_bad_z0(z0, error, match):
 # -- the stopping rule and the budget ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tol", [0, 0.0, -1e-4, float("nan"), True, "1e-4", None])
+@pytest.mark.parametrize("tol", [0, 0.0, -1e-4, float("nan"), float("inf"), True, "1e-4"])
 def test_bad_tol(tol):
-    with pytest.raises(ValueError, match=f"tol must be a number > 0, got {tol!r}"):
+    with pytest.raises(ValueError, match=rf"tol must be a finite number > 0, or None for a fixed number of iterations \(exactly max_steps\), got {tol!r}"):
         solve(torch.cos, Z0, tol=tol)
 
 
@@ -95,7 +95,7 @@ def test_bad_stop_mode(stop_mode):
 
 @pytest.mark.parametrize("divergence", [1, 0.5, -3, "big"])
 def test_bad_divergence(divergence):
-    with pytest.raises(ValueError, match=f"divergence must be a number > 1 or None, got {divergence!r}"):
+    with pytest.raises(ValueError, match=f"divergence must be a number > 1, or None to never stop on divergence, got {divergence!r}"):
         solve(torch.cos, Z0, divergence=divergence)
 
 
@@ -114,7 +114,12 @@ def test_solver_passed_as_a_class(cls):
         solve(torch.cos, Z0, solver=cls)
 
 
-@pytest.mark.parametrize("solver", ["anderson", 3, object()])
+def test_solver_given_as_a_name_points_to_the_registry():
+    with pytest.raises(TypeError, match=r"got the string 'anderson': use deqkit.solvers.get\('anderson'\)"):
+        solve(torch.cos, Z0, solver="anderson")
+
+
+@pytest.mark.parametrize("solver", [3, object()])
 def test_solver_without_init_and_step(solver):
     with pytest.raises(TypeError, match="solver must have init\\(\\) and step\\(\\) methods"):
         solve(torch.cos, Z0, solver=solver)
@@ -126,7 +131,7 @@ def test_backward_passed_as_a_class():
 
 
 def test_backward_of_the_wrong_kind():
-    with pytest.raises(TypeError, match="backward must be one of deqkit.Implicit/Phantom/Unrolled/OneStep"):
+    with pytest.raises(TypeError, match=r"backward must be a deqkit backward mode \(Implicit, Phantom, Unrolled, OneStep\), got 'implicit'"):
         solve(torch.cos, Z0, backward="implicit")
 
 

@@ -172,8 +172,10 @@ def test_active_set_with_a_closure_over_the_batch_names_inputs():
     def captured(z):  # per-sample inputs captured instead of passed through inputs=
         return c * z + b
 
-    with pytest.raises(ValueError, match="inputs="):
+    with pytest.raises(RuntimeError, match="must match the size") as info:  # f's own error, its own type
         solve(captured, case.z0, solver=deqkit.FixedPoint(), tol=1e-10, max_steps=1000, active_set=True)
+    assert type(info.value) is RuntimeError
+    assert any("inputs=" in note and "active_set=True" in note for note in info.value.__notes__)
     # without the active set the closure is fine
     assert solve(captured, case.z0, solver=deqkit.FixedPoint(), tol=1e-10, max_steps=1000).success
 

@@ -172,7 +172,7 @@ def test_overrides_apply_to_one_call_only():
         one_step_mode = deq(x, backward=deqkit.OneStep(), solver=deqkit.Anderson(m=3))
     assert short.result == deqkit.Result.MAX_STEPS and int(short.stats.steps.max()) == 2
     assert full.success and int(full.stats.steps.max()) > 2
-    assert deq.options["max_steps"] == 200
+    assert deq.options.max_steps == 200
     assert one_step_mode.success
     sol = deq(x, backward=deqkit.OneStep())  # the graph of one call of the cell
     assert sol.value.grad_fn is not None

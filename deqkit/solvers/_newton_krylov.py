@@ -60,16 +60,24 @@ class NewtonKrylov(AbstractSolver):
     def step(self, z: Tensor, fz: Tensor, state, problem):
         b = z.shape[0]
         dt = work_dtype(z.dtype)
+        tiny = torch.finfo(dt).tiny
         g = (fz - z).reshape(b, -1).to(dt)
         rhs = -g
         beta = torch.linalg.vector_norm(rhs, dim=1)
-        safe_beta = beta.clamp_min(torch.finfo(dt).tiny)
+        safe_beta = beta.clamp_min(tiny)
         basis = [rhs / safe_beta.unsqueeze(1)]
         h_cols = []
-        y = None
+        # Per sample: GMRES stops for a sample once its linear residual meets krylov_rtol, its
+        # Krylov space breaks down (the new direction is round-off: the solution in the space
+        # is exact), or its residual is not finite. Its correction is frozen from then on and
+        # its later basis vectors are zero, so the other samples' extra iterations never reach
+        # it (no division by a round-off norm) and a sample's step never depends on the batch.
+        done = beta <= tiny
+        y_final = torch.zeros(b, self.krylov_dim, dtype=dt, device=z.device)
         for j in range(self.krylov_dim):
             jv = problem.jvp(z, basis[j].reshape(z.shape).to(z.dtype), fz=fz, method=self.jvp)
             w = jv.reshape(b, -1).to(dt) - basis[j]  # (J - I) v_j
+            w_norm = torch.linalg.vector_norm(w, dim=1)
             col = []
             for v in basis:  # modified Gram-Schmidt
                 hij = batched_dot(w, v)
@@ -78,13 +86,16 @@ class NewtonKrylov(AbstractSolver):
             h_next = torch.linalg.vector_norm(w, dim=1)
             col.append(h_next)
             h_cols.append(torch.stack(col, dim=1))  # (B, j + 2)
-            basis.append(w / h_next.clamp_min(torch.finfo(dt).tiny).unsqueeze(1))
+            breakdown = h_next <= 64 * torch.finfo(dt).eps * w_norm
             y, lin_res = self._least_squares(h_cols, beta)
-            # a sample with a non-finite residual never meets the tolerance: do not let it keep
-            # the others iterating past their Krylov breakdown (that step would be noise)
-            if bool(((lin_res <= self.krylov_rtol * safe_beta) | ~torch.isfinite(lin_res)).all()):
+            running = ~done
+            y_final[:, : j + 1] = torch.where(running.unsqueeze(1), y, y_final[:, : j + 1])
+            done = done | breakdown | (lin_res <= self.krylov_rtol * safe_beta) | ~torch.isfinite(lin_res)
+            if bool(done.all()):
                 break
-        s = combine(y, torch.stack(basis[: y.shape[1]], dim=1))
+            basis.append(torch.where(done.unsqueeze(1), torch.zeros_like(w), w / h_next.clamp_min(tiny).unsqueeze(1)))
+        k = len(h_cols)
+        s = combine(y_final[:, :k].nan_to_num(0.0, 0.0, 0.0), torch.stack(basis[:k], dim=1))
         z_next = z.reshape(b, -1).to(dt) + self.damping * s
         return z_next.reshape(z.shape).to(z.dtype), state
 

@@ -205,20 +205,18 @@ class GET(_ImageTransformer):
     ``num_classes > 0``) is added to the q/k/v pre-activations of every block.
 
     The equilibrium is solved with ``deqkit.fixed_point``: by default GET's recipe, 6 plain
-    fixed-point iterations back-propagated through (``FixedPoint()`` + ``Unrolled()``), with
-    ``tol`` so small that all ``max_steps`` run; ``Unrolled(checkpoint=True)`` recomputes each
+    fixed-point iterations back-propagated through (``FixedPoint()`` + ``Unrolled()``), a fixed
+    number of them (``tol=None``: all ``max_steps`` run and the last image is returned);
+    ``Unrolled(checkpoint=True)`` recomputes each
     iteration in the backward pass (gradient checkpointing). ``forward`` overrides
     ``solver``/``max_steps`` per call (for NFE sweeps, FixedPoint vs Anderson).
 
     Which iterates ``ModelOutput.iterates`` holds (``trajectory``: how many, default
     ``max_steps`` in training mode, 1 in eval mode):
 
-    * without autograd, or with ``Unrolled``: the last ``trajectory`` iterates ``f(z_k)`` of the
-      solve, decoded;
-    * with autograd and ``Phantom``: the last ``trajectory`` of the phantom steps (the forward
-      solve ran without a graph; these steps carry the gradient);
-    * with autograd and ``Implicit`` / ``OneStep``: only the final image (the forward iterates
-      have no graph, so a loss on them would train nothing but the head).
+    the last ``trajectory`` iterates ``f(z_k)`` of the solve, decoded, in every mode; under
+    autograd each carries the backward mode's gradient at its own iterate (``Unrolled``: through
+    the iterations; ``Phantom`` / ``OneStep`` / ``Implicit``: that mode's gradient at z_k).
 
     Args:
         img_size, channels, num_classes: the image shape and the number of classes (0 or
@@ -228,7 +226,7 @@ class GET(_ImageTransformer):
         mlp_ratio, eq_mlp_ratio: MLP widths of the injection and the equilibrium blocks.
         solver, backward: deqkit objects (defaults: ``FixedPoint()``, ``Unrolled()``).
         max_steps: calls of f per solve (GET: 6).
-        tol, stop_mode: the stopping rule (default: never met, so exactly ``max_steps`` run).
+        tol, stop_mode: the stopping rule (default ``tol=None``: exactly ``max_steps`` run).
         divergence: passed to ``fixed_point`` (None, as in GET: every sample runs all steps).
     """
 
@@ -248,7 +246,7 @@ class GET(_ImageTransformer):
         solver: Any = deqkit.FixedPoint(),
         backward: deqkit.AbstractBackward = deqkit.Unrolled(),
         max_steps: int = 6,
-        tol: float = 1e-30,
+        tol: Optional[float] = None,
         stop_mode: str = "abs",
         divergence: Optional[float] = None,
     ):
@@ -314,10 +312,7 @@ class GET(_ImageTransformer):
             divergence=self.divergence, trajectory=trajectory, throw=False,
         )
         images = self.decode(sol.value)  # (B, C, H, W)
-        kept = sol.trajectory
-        if torch.is_grad_enabled() and not self.backward.records_forward and not isinstance(self.backward, deqkit.Phantom):
-            kept = ()  # forward iterates without a graph: supervise the final image only
-        iterates = tuple(images if t is sol.value else self.decode(t) for t in kept)
+        iterates = tuple(images if t is sol.value else self.decode(t) for t in sol.trajectory)
         return ModelOutput(images=images, iterates=iterates or (images,), stats=sol.stats)
 
 
