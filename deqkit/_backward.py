@@ -25,7 +25,7 @@ import abc
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -75,20 +75,26 @@ class AbstractBackward(abc.ABC):
         return fz + (g - g.detach())
 
 
-@contextlib.contextmanager
-def _reuse_parametrize_cache(cache: Optional[dict]) -> Iterator[None]:
-    """Recompute a checkpointed call with the normalised weights its first pass used."""
-    if cache is None:
-        yield
-        return
-    saved = parametrize._cache
-    parametrize._cache = cache
-    parametrize._cache_enabled += 1
-    try:
-        yield
-    finally:
-        parametrize._cache_enabled -= 1
-        parametrize._cache = saved
+class _ReuseParametrizeCache:
+    """Recompute a checkpointed call with the normalised weights its first pass used.
+
+    A reusable context manager (checkpointing enters it at every recomputation, twice for a
+    second derivative)."""
+
+    def __init__(self, cache: Optional[dict]):
+        self.cache = cache
+        self.saved: list = []
+
+    def __enter__(self) -> None:
+        if self.cache is not None:
+            self.saved.append(parametrize._cache)
+            parametrize._cache = self.cache
+            parametrize._cache_enabled += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cache is not None:
+            parametrize._cache_enabled -= 1
+            parametrize._cache = self.saved.pop()
 
 
 def _live_parametrize_cache() -> Optional[dict]:
@@ -118,7 +124,7 @@ def _checkpointed(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
         cache = _live_parametrize_cache()
         return checkpoint(
             f, z, *inputs, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _reuse_parametrize_cache(cache)),
+            context_fn=lambda: (contextlib.nullcontext(), _ReuseParametrizeCache(cache)),
         )
 
     return call

@@ -33,21 +33,24 @@ def _flat_norm(x: Tensor, dtype: torch.dtype) -> Tensor:
 def scaled_norm(x: Tensor) -> Tensor:
     """Per-sample L2 norm in float64 that cannot overflow: ``max|x| * ||x / max|x|||``.
 
-    Finite for every finite ``x``; NaN when ``x`` holds Inf or NaN. No graph.
+    Finite for every finite ``x`` of a float dtype up to float32 (float64 entries near its own
+    maximum can still give Inf); NaN when ``x`` holds Inf or NaN. No graph.
     """
     with torch.no_grad():
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         top = flat.abs().amax(dim=1, keepdim=True)
         safe = torch.where(top > 0, top, torch.ones_like(top))
-        return (torch.linalg.vector_norm(flat / safe, dim=1) * safe.squeeze(1)).to(torch.promote_types(x.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(flat / safe, dim=1) * safe.squeeze(1)
+        return torch.where(torch.isfinite(top.squeeze(1)), norm, torch.full_like(norm, float("nan")))
 
 
 def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample ``(||f(z) - z||, ||f(z)||)``: L2 over all dims but the first, in float32+. No graph.
 
     The fast norm's sum of squares overflows for entries above about 1e19 in float32; where a
-    norm comes out non-finite it is recomputed with ``scaled_norm``, so a finite ``f(z)`` always
-    has finite norms and a non-finite one gives NaN (never a residual of ``inf / inf``).
+    norm comes out non-finite both are recomputed in float64 with ``scaled_norm`` (and returned
+    in float64), so a finite ``f(z)`` has finite norms and a non-finite one gives NaN: never a
+    residual of ``inf / inf`` or ``x / inf``.
     """
     dtype = torch.promote_types(z.dtype, torch.float32)
     with torch.no_grad():
@@ -103,12 +106,21 @@ class Problem:
         self.active_set = active_set
         if active_set:
             for i, x in enumerate(self._inputs):
-                if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != self._batch):
+                if not isinstance(x, Tensor):
+                    continue
+                if x.dim() == 0 or x.shape[0] != self._batch:
                     raise ValueError(
                         f"with active_set=True every tensor in inputs= is per-sample and sliced with z, so its "
                         f"first dim must be the batch size {self._batch}; inputs[{i}] has shape {tuple(x.shape)}. "
                         "Pass tensors shared by all samples (weights, per-feature vectors) through f's closure "
                         "or module instead."
+                    )
+                if x.dim() == 1:
+                    raise ValueError(
+                        f"with active_set=True, inputs[{i}] of shape {tuple(x.shape)} is ambiguous: one value per "
+                        f"sample, or a vector shared by all samples whose length happens to equal the batch size "
+                        f"{self._batch}? Pass per-sample values as shape ({self._batch}, 1) (they are sliced with z), "
+                        "and shared tensors through f's closure or module."
                     )
         self._active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
         self._idx: Tensor | None = None  # rows still iterating, None when all are

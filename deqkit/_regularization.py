@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+import contextlib
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -11,6 +12,36 @@ from torch import Tensor
 class JacobianReg(NamedTuple):
     per_sample: Tensor  # (B,) estimate of ||J_f(z_i)||_F^2 / dim
     mean: Tensor        # scalar: the batch mean, the usual loss term
+
+
+@contextlib.contextmanager
+def _double_differentiable_attention() -> Iterator[None]:
+    """Select the math kernel of ``F.scaled_dot_product_attention`` inside the context.
+
+    The fused CPU and flash kernels have no double backward ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"), which a
+    differentiable Jacobian penalty needs; the math kernel has it and computes the same values.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch without the selector
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _vjp(name: str, fz: Tensor, z: Tensor, v: Tensor, **kwargs: bool) -> Tensor:
+    """``v^T J`` through ``fz = f(z)``, with a clear error when f(z) does not depend on z."""
+    if not fz.requires_grad:
+        raise ValueError(
+            f"{name}: f(z) does not depend on z (its output has no autograd graph back to z): there is "
+            "no Jacobian to measure. Check that f uses z and does not detach it or run under no_grad."
+        )
+    (vjp,) = torch.autograd.grad(fz, z, v, allow_unused=True, **kwargs)
+    if vjp is None:
+        raise ValueError(f"{name}: f(z) does not depend on z (z is not used in its graph): there is no Jacobian to measure")
+    return vjp
 
 
 def _check_batch(name: str, z: Tensor) -> None:
@@ -39,7 +70,9 @@ def jacobian_reg(
         z: the point, shape (B, ...); typically the detached fixed point with
             ``requires_grad_()``, or an iterate already in the graph.
         n_samples: number of probes averaged, >= 1.
-        fz: ``f(z)`` if already computed with a graph from ``z`` (saves a call).
+        fz: ``f(z)`` if already computed with a graph from ``z`` (saves a call). Without it f
+            is called with the math kernel of ``scaled_dot_product_attention`` selected, whose
+            double backward exists (the fused CPU kernel's does not).
         create_graph: keep the graph so the estimate can be differentiated.
 
     Returns:
@@ -63,14 +96,15 @@ def jacobian_reg(
         if not z.requires_grad:
             z = z.detach().requires_grad_(True)
         if fz is None:
-            fz = f(z)
-        if fz.shape != z.shape:
-            raise ValueError(f"f(z) must have z's shape {tuple(z.shape)}, got {tuple(fz.shape)}")
+            with _double_differentiable_attention():
+                fz = f(z)
+        if not isinstance(fz, Tensor) or fz.shape != z.shape:
+            raise ValueError(f"f(z) must have z's shape {tuple(z.shape)}, got {tuple(getattr(fz, 'shape', ()))}")
         dim = z[0].numel()
         total = z.new_zeros(z.shape[0])
         for i in range(n_samples):
             v = torch.randn_like(fz)
-            (vjp,) = torch.autograd.grad(fz, z, v, retain_graph=True, create_graph=create_graph)
+            vjp = _vjp("jacobian_reg", fz, z, v, retain_graph=True, create_graph=create_graph)
             total = total + vjp.reshape(z.shape[0], -1).pow(2).sum(dim=1)
     per_sample = total / (n_samples * dim)
     return JacobianReg(per_sample, per_sample.mean())
@@ -107,14 +141,14 @@ def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iters: int = 20,
     with torch.enable_grad():
         zr = z.detach().requires_grad_(True)
         fz = f(zr)
-        if fz.shape != z.shape:
-            raise ValueError(f"f(z) must have z's shape {tuple(z.shape)}, got {tuple(fz.shape)}")
+        if not isinstance(fz, Tensor) or fz.shape != z.shape:
+            raise ValueError(f"f(z) must have z's shape {tuple(z.shape)}, got {tuple(getattr(fz, 'shape', ()))}")
         n = min(n_iters, z[0].numel())
         v = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype).reshape(b, -1).to(dt)
         basis = [v / torch.linalg.vector_norm(v, dim=1, keepdim=True)]
         h = torch.zeros(b, n + 1, n, dtype=dt, device=z.device)
         for j in range(n):
-            (w,) = torch.autograd.grad(fz, zr, basis[j].reshape(z.shape).to(z.dtype), retain_graph=j < n - 1)
+            w = _vjp("spectral_radius", fz, zr, basis[j].reshape(z.shape).to(z.dtype), retain_graph=j < n - 1)
             w = w.detach().reshape(b, -1).to(dt)  # J^T v: same spectrum as J
             for i, q in enumerate(basis):
                 hij = (w * q).sum(dim=1)

@@ -94,6 +94,7 @@ class TorchDEQSolver(AbstractSolver):
             z = z.reshape(z0.shape)
             out = problem.f(z)
             diff, size = residual_norms(z, out)
+            diff, size = diff.double(), size.double()
             abs_hist.append(diff)
             res_hist.append(diff if stop_mode == "abs" else diff / (size + 1e-9))
             calls.append((z, out))
@@ -106,6 +107,7 @@ class TorchDEQSolver(AbstractSolver):
         value, _, info = fn(func, z0, max_iter=options.max_steps, tol=tol, stop_mode=stop_mode, **kwargs)
         value = value.reshape(z0.shape)
         best_z = self._preimage(value, calls)
+        res_dtype = torch.promote_types(z0.dtype, torch.float32)
         trace = torch.stack(res_hist, dim=1)
         abs_trace = torch.stack(abs_hist, dim=1)
         lowest = torch.cummin(trace, dim=1).values
@@ -114,7 +116,7 @@ class TorchDEQSolver(AbstractSolver):
         steps = torch.where(below.any(dim=1), below.float().argmax(dim=1) + 1, torch.full_like(below[:, 0], n, dtype=torch.long)).long()
         if options.tol is None:
             steps = torch.full_like(steps, n)
-        residual = info[f"{stop_mode}_lowest"].reshape(-1).to(device=trace.device, dtype=trace.dtype)
+        residual = info[f"{stop_mode}_lowest"].reshape(-1).to(device=trace.device, dtype=res_dtype)
         status = torch.full_like(steps, int(Result.SUCCESS if options.tol is None else Result.MAX_STEPS))
         if options.divergence is not None:
             first = abs_trace[:, :1].nan_to_num(0.0).clamp_min(torch.finfo(abs_trace.dtype).tiny)
@@ -123,7 +125,7 @@ class TorchDEQSolver(AbstractSolver):
         if options.tol is not None:
             status = torch.where(residual <= tol, int(Result.SUCCESS), status)
         return LoopOutput(
-            best_z=best_z, best_fz=value, residual=residual, status=status, steps=steps, trace=trace,
+            best_z=best_z, best_fz=value, residual=residual, status=status, steps=steps, trace=trace.to(res_dtype),
             trajectory=tuple(calls[-options.trajectory:]) if options.trajectory else (), nfev=problem.nfev, sample_evals=problem.sample_evals,
         )
 
