@@ -140,8 +140,9 @@ class Unrolled(AbstractBackward):
     forward). GET trains this way: six plain iterations from a random start
     (``max_steps=6, tol=None``), every iterate supervised.
 
-    Needs a solver whose loop autograd can see: ``TorchDEQSolver`` (torchdeq detaches its
-    iterates) is refused.
+    Needs a solver whose iterations autograd can differentiate (``differentiable`` is not
+    False): ``TorchDEQSolver`` (torchdeq detaches its iterates) and ``NewtonKrylov`` (GMRES has no
+    usable derivative at round-off residuals) are refused with an error naming the pairing.
 
     Args:
         checkpoint: recompute each call of f during backward instead of storing activations.
@@ -156,9 +157,10 @@ class Unrolled(AbstractBackward):
 
     def check(self, solver, options):
         if not getattr(solver, "differentiable", True):
+            why = getattr(solver, "why_not_differentiable", "its iterations are not recorded by autograd")
             raise ValueError(
-                f"backward=Unrolled() cannot differentiate through {solver!r}: its iterations are not "
-                "recorded by autograd. Use Implicit(), Phantom() or OneStep() with it, or a deqkit solver."
+                f"backward=Unrolled() cannot differentiate through {solver!r}: {why}. Use Implicit(), "
+                "Phantom() or OneStep() with it, or Unrolled() with FixedPoint, Anderson or Broyden."
             )
 
     def wrap(self, f):

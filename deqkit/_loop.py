@@ -83,7 +83,9 @@ class Problem:
     samples still iterating: every tensor in ``inputs`` is then per-sample (its first dim is the
     batch) and is sliced along with z; shared tensors belong in f's closure or module.
     ``wrap`` (from the backward mode) wraps each call of f while autograd records it, e.g.
-    ``Unrolled(checkpoint=True)``'s activation checkpointing.
+    ``Unrolled(checkpoint=True)``'s activation checkpointing. ``first_call_with_grad`` makes the
+    first call with autograd on (its output detached), so that parametrised weights cached for
+    the solve carry their graph for the backward mode's calls after the forward loop.
 
     Every call checks that f left z and the inputs unchanged (tensor version counters) and
     returned z's shape, dtype and device; an exception raised by f reaches the caller with its
@@ -97,8 +99,10 @@ class Problem:
         inputs: Sequence[Any] = (),
         active_set: bool = False,
         wrap: Optional[Callable[[Callable[..., Tensor]], Callable[..., Tensor]]] = None,
+        first_call_with_grad: bool = False,
     ):
         self._f = f
+        self._grad_first = first_call_with_grad
         self._call_f = wrap(f) if wrap is not None else f
         self._inputs = tuple(inputs)
         self._batch = z0.shape[0]
@@ -142,7 +146,13 @@ class Problem:
     # -- evaluation -------------------------------------------------------------------------
     def _call(self, z: Tensor, inputs: tuple) -> Tensor:
         before = _versions((z, *inputs))
-        out = self._call_f(z, *inputs)
+        if self._grad_first:  # fills the solve's cache of normalised weights with their graph
+            self._grad_first = False
+            with torch.enable_grad():
+                out = self._call_f(z, *inputs)
+            out = out.detach() if isinstance(out, Tensor) else out
+        else:
+            out = self._call_f(z, *inputs)
         if _versions((z, *inputs)) != before:
             changed = [name for name, a, b in zip(["z"] + [f"inputs[{i}]" for i in range(len(inputs))], before, _versions((z, *inputs))) if a != b]
             raise ValueError(

@@ -131,35 +131,36 @@ def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple, solver: Any, back
 
 def _solve(f, z0: Tensor, inputs: tuple, solver: Any, backward: AbstractBackward, options: SolveOptions) -> Solution:
     record = backward.records_forward and torch.is_grad_enabled()
-    problem = Problem(f, z0, inputs, active_set=options.active_set, wrap=backward.wrap if record else None)
-    grad_ctx = contextlib.nullcontext() if record else torch.no_grad()
+    attach = torch.is_grad_enabled() and not record
+    problem = Problem(f, z0, inputs, active_set=options.active_set, wrap=backward.wrap if record else None,
+                      first_call_with_grad=attach)
+    log = BackwardLog()
 
     # Parametrised weights (deqkit.nn.apply_norm) are computed once per solve, not once per
-    # iteration. The cache must not outlive the forward solve: under no_grad it holds weights
-    # without a graph, and the backward mode's own calls below need them with theirs.
-    with grad_ctx, parametrize.cached():
-        out = run_solver(solver, problem, z0 if record else z0.detach(), options)
+    # iteration: the forward loop and the backward mode's calls share one cache, so the gradient
+    # is that of the very weights that made the value (spectral norm's power iteration runs once).
+    # The first call fills the cache with autograd on, so the cached weights carry their graph.
+    with parametrize.cached():
+        with contextlib.nullcontext() if record else torch.no_grad():
+            out = run_solver(solver, problem, z0 if record else z0.detach(), options)
+        value = out.best_fz
+        kept = tuple(fz for _, fz in out.trajectory)
+        nfev, sample_evals = out.nfev, out.sample_evals
+        if attach:
+            # The mode attaches its gradient to the value and to every kept iterate, each at
+            # its own point; values stay the forward's, bit for bit.
+            graph_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
+            attached: dict = {}
 
-    value = out.best_fz
-    kept = tuple(fz for _, fz in out.trajectory)
-    log = BackwardLog()
-    nfev, sample_evals = out.nfev, out.sample_evals
-    if torch.is_grad_enabled() and not record:
-        # The mode attaches its gradient to the value and to every kept iterate, each at its
-        # own point; values stay the forward's, bit for bit.
-        graph_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
-        with parametrize.cached():  # a fresh cache: these weights carry their graph
-            attached = {}
-
-            def attach(z: Tensor, fz: Tensor) -> Tensor:
+            def attach_to(z: Tensor, fz: Tensor) -> Tensor:
                 if id(fz) not in attached:
                     attached[id(fz)] = backward.attach(graph_problem.f, z, fz, log, options.throw)
                 return attached[id(fz)]
 
-            value = attach(out.best_z, out.best_fz)
-            kept = tuple(attach(z, fz) for z, fz in out.trajectory)
-        nfev += graph_problem.nfev
-        sample_evals += graph_problem.sample_evals
+            value = attach_to(out.best_z, out.best_fz)
+            kept = tuple(attach_to(z, fz) for z, fz in out.trajectory)
+            nfev += graph_problem.nfev
+            sample_evals += graph_problem.sample_evals
 
     status = out.status
     stats = Stats(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -34,7 +34,18 @@ class AbstractSolver(abc.ABC):
 
     Steps must not modify ``z``, ``fz`` or tensors of earlier states in place, and must be
     written with out-of-place operations wherever autograd may see them (``Unrolled``).
+
+    Two optional parts of the protocol:
+
+    * ``differentiable`` (class attribute, default True): False when ``Unrolled`` cannot
+      differentiate through the steps; ``why_not_differentiable`` then says why, and the solve
+      refuses the pairing at call time.
+    * ``run(problem, z0, options) -> LoopOutput``: a solver with a loop of its own (such as
+      ``TorchDEQSolver``) implements this hook instead of ``step``; the solve calls it in place
+      of the shared loop and reads the same record back.
     """
+
+    differentiable: ClassVar[bool] = True
 
     def init(self, z: Tensor, fz: Tensor, problem: Any) -> Any:
         """The state before the first step (default: none)."""

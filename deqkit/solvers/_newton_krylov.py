@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ class NewtonKrylov(AbstractSolver):
             finite differences when f uses an operation without a forward-mode derivative,
             such as fused attention on CPU).
 
+    ``Unrolled`` is refused with it (see ``why_not_differentiable``); pair it with ``Implicit``,
+    ``Phantom`` or ``OneStep``.
+
     Reference: Knoll & Keyes, "Jacobian-free Newton-Krylov methods" (2004).
 
     Example:
@@ -44,6 +48,12 @@ class NewtonKrylov(AbstractSolver):
         >>> round(float(sol.value[0, 0]), 10), int(sol.stats.steps[0]) <= 6
         (0.7390851332, True)
     """
+
+    differentiable: ClassVar[bool] = False
+    why_not_differentiable: ClassVar[str] = (
+        "GMRES's orthogonalisation and least squares have no usable derivative once a sample's residual "
+        "reaches round-off (the gradient becomes NaN)"
+    )
 
     krylov_dim: int = 20
     krylov_rtol: float = 1e-3
@@ -64,15 +74,21 @@ class NewtonKrylov(AbstractSolver):
         g = (fz - z).reshape(b, -1).to(dt)
         rhs = -g
         beta = torch.linalg.vector_norm(rhs, dim=1)
-        safe_beta = beta.clamp_min(tiny)
-        basis = [rhs / safe_beta.unsqueeze(1)]
+        # divisions are guarded with where (not clamp) so that autograd (Unrolled) sees finite
+        # derivatives at a zero residual or a breakdown; a sample already at its fixed point gets
+        # a harmless unit vector, and its step is set to zero below
+        solved = beta <= tiny
+        safe_beta = torch.where(solved, torch.ones_like(beta), beta)
+        unit = torch.zeros_like(rhs)
+        unit[:, 0] = 1.0
+        basis = [torch.where(solved.unsqueeze(1), unit, rhs / safe_beta.unsqueeze(1))]
         h_cols = []
         # Per sample: GMRES stops for a sample once its linear residual meets krylov_rtol, its
         # Krylov space breaks down (the new direction is round-off: the solution in the space
         # is exact), or its residual is not finite. Its correction is frozen from then on and
         # its later basis vectors are zero, so the other samples' extra iterations never reach
         # it (no division by a round-off norm) and a sample's step never depends on the batch.
-        done = beta <= tiny
+        done = solved
         y_final = torch.zeros(b, self.krylov_dim, dtype=dt, device=z.device)
         for j in range(self.krylov_dim):
             jv = problem.jvp(z, basis[j].reshape(z.shape).to(z.dtype), fz=fz, method=self.jvp)
@@ -93,9 +109,11 @@ class NewtonKrylov(AbstractSolver):
             done = done | breakdown | (lin_res <= self.krylov_rtol * safe_beta) | ~torch.isfinite(lin_res)
             if bool(done.all()):
                 break
-            basis.append(torch.where(done.unsqueeze(1), torch.zeros_like(w), w / h_next.clamp_min(tiny).unsqueeze(1)))
+            safe_h = torch.where(done, torch.ones_like(h_next), h_next)
+            basis.append(torch.where(done.unsqueeze(1), torch.zeros_like(w), w / safe_h.unsqueeze(1)))
         k = len(h_cols)
         s = combine(y_final[:, :k].nan_to_num(0.0, 0.0, 0.0), torch.stack(basis[:k], dim=1))
+        s = torch.where(solved.unsqueeze(1), torch.zeros_like(s), s)
         z_next = z.reshape(b, -1).to(dt) + self.damping * s
         return z_next.reshape(z.shape).to(z.dtype), state
 

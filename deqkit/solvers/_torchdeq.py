@@ -55,7 +55,8 @@ class TorchDEQSolver(AbstractSolver):
 
     name: str
     kwargs: tuple
-    differentiable: ClassVar[bool] = False  # torchdeq detaches its iterates: no Unrolled
+    differentiable: ClassVar[bool] = False
+    why_not_differentiable: ClassVar[str] = "torchdeq detaches its iterates, so no gradient can flow through them"
 
     def __init__(self, name: str, **kwargs: Any):
         if name not in _NAMES:
