@@ -10,7 +10,8 @@ backward modes::
 
 from . import nn, solvers
 from ._backward import AbstractBackward, Implicit, OneStep, Phantom, Unrolled
-from ._result import BackwardStats, Result, Solution, SolveError, Stats
+from ._options import SolveOptions
+from ._result import BackwardLog, BackwardStats, Result, Solution, SolveError, Stats
 from ._module import DEQ
 from ._regularization import JacobianReg, jacobian_reg, spectral_radius
 from ._solve import fixed_point
@@ -23,6 +24,7 @@ __all__ = [
     "AbstractBackward",
     "AbstractSolver",
     "Anderson",
+    "BackwardLog",
     "BackwardStats",
     "DEQ",
     "JacobianReg",
@@ -35,6 +37,7 @@ __all__ = [
     "Result",
     "Solution",
     "SolveError",
+    "SolveOptions",
     "Stats",
     "TorchDEQSolver",
     "Unrolled",
