@@ -181,6 +181,14 @@ def time_f(problem: Problem, repeats: int) -> float:
     return statistics.median(times)
 
 
+def within_budget(traces: dict, budget: int) -> dict:
+    """The traces up to ``budget`` evaluations of f: the same budget for every solver (a
+    solver whose steps call f several times, as NewtonKrylov's do, runs past it in its
+    fixed-budget run, which counts steps)."""
+    keep = sum(1 for n in traces["trace_nfev"] if n <= budget)
+    return {k: v[:keep] for k, v in traces.items()}
+
+
 def bench(problem: Problem, runner: Runner, tol: float, repeats: int, t_f: float) -> dict:
     runner.run(problem, tol, problem.budget)  # warm-up
     runs = [runner.run(problem, tol, problem.budget) for _ in range(repeats)]
@@ -202,9 +210,9 @@ def bench(problem: Problem, runner: Runner, tol: float, repeats: int, t_f: float
         "sample_evals": to_tol["sample_evals"],
         "f_seconds": t_f,
         "overhead_per_iter": overhead,
-        "trace_nfev": budget["trace_nfev"],
-        "trace_residual": budget["trace"],
-        "trace_seconds": budget["times"],
+        "budget_nfe": problem.budget,
+        **within_budget({"trace_nfev": budget["trace_nfev"], "trace_residual": budget["trace"],
+                         "trace_seconds": budget["times"]}, problem.budget),
     }
 
 
@@ -214,7 +222,7 @@ def _label(r: dict) -> str:
 
 PLOTS = (  # x key, x label, file, what the figure shows
     ("trace_nfev", "f evaluations (NFE)", "residual_vs_nfe.png", "against f evaluations"),
-    ("trace_seconds", "wall time since the solve started (s)", "residual_vs_seconds.png", "against wall time"),
+    ("trace_seconds", "wall time since the solve started (s, log scale)", "residual_vs_seconds.png", "against wall time"),
 )
 
 
@@ -248,6 +256,8 @@ def figure(results: list[dict], problems: list[Problem], x_key: str, x_label: st
             (line,) = ax.semilogy(r[x_key][:n], r["trace_residual"][:n], **style(r))
             handles.setdefault(_label(r), line)
         ax.axhline(tol, color="grey", lw=0.8, ls=":")
+        if x_key == "trace_seconds":  # solvers differ by orders of magnitude in time per step
+            ax.set_xscale("log")
         ax.set_title(f"{problem.name}: {problem.description}", fontsize=8)
         ax.set_xlabel(x_label)
         ax.set_ylabel("relative residual, worst sample")
@@ -258,7 +268,7 @@ def figure(results: list[dict], problems: list[Problem], x_key: str, x_label: st
     handles[f"tolerance ({tol:g})"] = Line2D([], [], color="grey", lw=0.8, ls=":")
     spare[0].legend(handles.values(), handles.keys(), loc="center", fontsize=8, frameon=False,
                     title="solid: deqkit, dashed: torchdeq 0.1.0", title_fontsize=8)
-    fig.suptitle(f"Residual {what}: max over the batch of ||f(z) - z|| / ||f(z)||, fixed budget per problem",
+    fig.suptitle(f"Residual {what}: max over the batch of ||f(z) - z|| / ||f(z)||, same budget of f evaluations per problem",
                  fontsize=11)
     fig.tight_layout()
     return fig
@@ -306,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                              "any other busy process on the machine can slow the solvers' small batched ops 10-100x "
                              "(docs/benchmarks.md, 'Timing on a shared machine')")
     parser.add_argument("--only", nargs="*", default=None, help="problem names to run (default all)")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the plots from OUT/results.json (of the same --quick/--only/--get-checkpoint) without measuring")
     parser.add_argument("--get-checkpoint", default=None,
                         help="a GET-T/2 training checkpoint (examples/get_distillation train): adds the trained equilibrium function")
     args = parser.parse_args(argv)
@@ -315,10 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = _load()
-    if load_before is not None and load_before > 0.5:
-        print(f"warning: the 1-minute load average is {load_before:.2f}: other processes are using the CPUs, "
-              "so wall times will be inflated (NFE counts are not affected)", file=sys.stderr)
     repeats = args.repeats or (3 if args.quick else 5)
     try:
         import torchdeq  # noqa: F401
@@ -332,6 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p for p in every if p.name in args.only] if args.only else every
     if not problems:
         parser.error(f"--only matched no problem; names: {[p.name for p in every]}")
+    if args.replot:
+        payload = json.loads((args.out / "results.json").read_text())
+        budgets = {p.name: p.budget for p in problems}
+        for r in payload["results"]:
+            r.update(within_budget({k: r[k] for k in ("trace_nfev", "trace_residual", "trace_seconds")}, budgets[r["problem"]]))
+            r["budget_nfe"] = budgets[r["problem"]]
+        payload["plots"] = plot(payload["results"], [p for p in problems if p.name in budgets], args.out)
+        (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+        print(f"redrew {', '.join(str(args.out / p) for p in payload['plots'])} from {args.out / 'results.json'}")
+        return 0
+    load_before = _load()
+    if load_before is not None and load_before > 0.5:
+        print(f"warning: the 1-minute load average is {load_before:.2f}: other processes are using the CPUs, "
+              "so wall times will be inflated (NFE counts are not affected)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     try:

@@ -39,6 +39,7 @@ def test_convergence_quick(tmp_path):
         nfe = r["trace_nfev"]
         assert len(nfe) == len(r["trace_residual"]) == len(r["trace_seconds"])
         assert nfe[0] >= 1 and all(b > a for a, b in zip(nfe, nfe[1:])), (r["solver"], nfe[:5])
+        assert nfe[-1] <= r["budget_nfe"]  # every solver drawn over the same budget of f evaluations
         assert all(b >= a for a, b in zip(r["trace_seconds"], r["trace_seconds"][1:]))
     active = [r for r in data["results"] if r["active_set"]]
     assert active, "the heterogeneous problem must be run with active_set too"
@@ -80,6 +81,7 @@ def test_convergence_figures_read_at_a_glance():
     newton = next(r for r in results if r["solver"] == "deqkit NewtonKrylov")
     # Newton-Krylov spends several calls of f per step: its trace sits at those NFE, not at step numbers
     assert newton["trace_nfev"][-1] > len(newton["trace_nfev"])
+    assert newton["trace_nfev"][-1] <= newton["budget_nfe"]
     for x_key, x_label, _, what in convergence.PLOTS:
         fig = convergence.figure(results, problems, x_key, x_label, what)
         try:
@@ -98,3 +100,13 @@ def test_convergence_figures_read_at_a_glance():
             assert labelled <= set(entries)
         finally:
             plt.close(fig)
+
+
+def test_replot_redraws_from_results(tmp_path):
+    out = tmp_path / "bench"
+    run = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--out", str(out), "--repeats", "1"]
+    assert subprocess.run(run, capture_output=True, text=True, timeout=300).returncode == 0
+    (out / "residual_vs_nfe.png").unlink()
+    proc = subprocess.run(run + ["--replot"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "residual_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
