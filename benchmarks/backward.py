@@ -193,8 +193,8 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
              "Peak memory of one training step (rise of the peak RSS)"),
             ("cosine", "cosine of the parameter gradient to the reference", "backward_cosine.png", False,
              "Gradient quality: cosine to Implicit(tol=1e-6) at a converged forward")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.set_title(title + where, fontsize=10)
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        ax.set_title(title + "\n" + where.strip(" ()"), fontsize=10)
         for i, name in enumerate(dict.fromkeys(r["mode"] for r in results)):
             rows = [r for r in results if r["mode"] == name and r[key] is not None]
             style = "-o" if not name.startswith("Phantom") else ":."
@@ -208,7 +208,7 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
         ax.set_xlabel("forward iterations N (plain iteration, exactly N)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="backward mode", title_fontsize=8)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -235,11 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/backward"), help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 1 quick, 3 full)")
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from OUT/results.json without measuring")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if args.replot:
+        payload = json.loads((args.out / "results.json").read_text())
+        for r in payload["results"]:
+            r.setdefault("size", payload["size"])
+        payload["plots"] = plot(payload["results"], payload["iters"], args.out)
+        print(f"redrew {', '.join(str(args.out / p) for p in payload['plots'])} from {args.out / 'results.json'}")
+        return 0
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     specs, iters, size, repeats = configurations(args.quick)
     repeats = args.repeats or repeats
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                               "repeats": repeats, "reference_path": ref_path})
             results.append({"mode": label(spec), "spec": spec, "iters": n, "size": size, **out})
     payload = {"torch": torch.__version__, "threads": args.threads, "size": size, "iters": iters,
+               "load_average_1min": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
                "repeats": repeats, "reference": "Implicit(tol=1e-6) at Anderson rel. tol 1e-6",
                "results": results}
     payload["plots"] = plot(results, iters, args.out)
