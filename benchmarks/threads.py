@@ -159,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(args.worker)
         print(json.dumps(worker(job["threads"], job["steps"])))
         return 0
+    load_before = os.getloadavg()[0]
     rows = []
     for competitors in (0, args.competitors):
         for threads in (None, 1):
             for passive in (False, True):
-                rows.append(measure(threads, passive, competitors, args.steps))
+                rows.append({**measure(threads, passive, competitors, args.steps), "load_average_1min": os.getloadavg()[0]})
                 print(rows[-1], file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "results": rows}
+    payload = {"cpus": os.cpu_count(), "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+               "results": rows}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
     print("| busy processes | torch threads | OMP_WAIT_POLICY | teacher step (s, median / max) | Anderson solve (ms, median / max) |")
     print("|---|---|---|---|---|")
