@@ -181,12 +181,20 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     files = []
-    for key, ylabel, fname, logy in (("step_seconds", "seconds per training step", "backward_time.png", True),
-                                     ("peak_mib", "peak memory of the step (MiB)", "backward_memory.png", True),
-                                     ("cosine", "cosine to the implicit reference", "backward_cosine.png", False)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+    size = results[0]["size"] if results and "size" in results[0] else None
+    where = f" (conv DEQ cell, B={size['batch']}, C={size['channels']}, {size['hw']}x{size['hw']})" if size else ""
+    for key, ylabel, fname, logy, title in (
+            ("step_seconds", "time per training step, forward + backward (s)", "backward_time.png", True,
+             "Time of one training step"),
+            ("peak_mib", "peak memory of the step (MiB)", "backward_memory.png", True,
+             "Peak memory of one training step (rise of the peak RSS)"),
+            ("cosine", "cosine of the parameter gradient to the reference", "backward_cosine.png", False,
+             "Gradient quality: cosine to Implicit(tol=1e-6) at a converged forward")):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        ax.set_title(title + "\n" + where.strip(" ()"), fontsize=10)
         for i, name in enumerate(dict.fromkeys(r["mode"] for r in results)):
             rows = [r for r in results if r["mode"] == name and r[key] is not None]
             style = "-o" if not name.startswith("Phantom") else ":."
@@ -196,10 +204,11 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
         if logy:
             ax.set_yscale("log")
         ax.set_xticks(iters, [str(i) for i in iters])
-        ax.set_xlabel("forward iterations")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured N are ticked
+        ax.set_xlabel("forward iterations N (plain iteration, exactly N)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="backward mode", title_fontsize=8)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -226,11 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/backward"), help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 1 quick, 3 full)")
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from OUT/results.json without measuring")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if args.replot:
+        payload = json.loads((args.out / "results.json").read_text())
+        for r in payload["results"]:
+            r.setdefault("size", payload["size"])
+        payload["plots"] = plot(payload["results"], payload["iters"], args.out)
+        print(f"redrew {', '.join(str(args.out / p) for p in payload['plots'])} from {args.out / 'results.json'}")
+        return 0
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     specs, iters, size, repeats = configurations(args.quick)
     repeats = args.repeats or repeats
     args.out.mkdir(parents=True, exist_ok=True)
@@ -247,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         for spec, n in tqdm(jobs, desc="backward", unit="config"):
             out = run_worker({"spec": spec, "iters": n, "size": size, "threads": args.threads,
                               "repeats": repeats, "reference_path": ref_path})
-            results.append({"mode": label(spec), "spec": spec, "iters": n, **out})
+            results.append({"mode": label(spec), "spec": spec, "iters": n, "size": size, **out})
     payload = {"torch": torch.__version__, "threads": args.threads, "size": size, "iters": iters,
+               "load_average_1min": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
                "repeats": repeats, "reference": "Implicit(tol=1e-6) at Anderson rel. tol 1e-6",
                "results": results}
     payload["plots"] = plot(results, iters, args.out)

@@ -8,6 +8,12 @@ the time the run spent outside f over the time it spent inside f (per iteration,
 the overhead as a fraction of one f call; both are measured in the same run). torchdeq is run through its own API
 (``torchdeq.solver.get_solver``), not through deqkit's adapter.
 
+Timings use one torch thread by default (``--threads``): with torch's default of one thread
+per core, a single other busy process makes the solvers' small batched linear algebra (the
+Anderson least-squares solve, Broyden's batched products) wait for a descheduled OpenMP
+thread, 10-100x slower, while plain iteration is barely touched. The 1-minute load average
+before and after the run is written with the results.
+
 Writes OUT/results.json, OUT/residual_vs_nfe.png, OUT/residual_vs_seconds.png and prints a
 markdown table.
 
@@ -21,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -37,7 +44,10 @@ from _problems import Problem, suite  # noqa: E402
 
 @dataclasses.dataclass
 class Runner:
-    """One solver configuration: ``run(problem, tol, max_steps)`` -> (nfev, trace, times)."""
+    """One solver configuration: ``run(problem, tol, max_steps, traced=False)`` -> a dict with
+    nfev, wall and in-f seconds, convergence; with ``traced``, also the worst sample's residual
+    after each call of f that produced an iterate (``trace``), that call's number
+    (``trace_nfev``) and its time since the start (``times``)."""
 
     label: str
     library: str  # "deqkit" or "torchdeq"
@@ -68,25 +78,58 @@ class _Clock:
         return out
 
 
+class _StepLog:
+    """Wraps a deqkit solver: after each step, how many calls of f the run has made so far.
+
+    The loop calls f once on z0 before the first step and once on each new iterate after a
+    step, so trace entry k (k >= 1) belongs to call ``calls_after_step[k - 1] + 1``; for a solver
+    whose steps call f themselves (NewtonKrylov's Jacobian-vector products) this is what puts
+    its trace at the right NFE. Only the fixed-budget runs (the traces) use it.
+    """
+
+    def __init__(self, solver: Any, clock: _Clock):
+        self.solver, self.clock = solver, clock
+        self.calls_after_step: list[int] = []
+
+    def init(self, z, fz, problem):
+        return self.solver.init(z, fz, problem)
+
+    def step(self, z, fz, state, problem):
+        out = self.solver.step(z, fz, state, problem)
+        self.calls_after_step.append(len(self.clock.times))
+        return out
+
+
 def deqkit_runner(label: str, solver: Any, active_set: bool = False) -> Runner:
-    def run(problem: Problem, tol: float, max_steps: int) -> dict:
+    def run(problem: Problem, tol: float, max_steps: int, traced: bool = False) -> dict:
         clock = _Clock(problem.f, problem.inputs)
+        logged = _StepLog(solver, clock) if traced else solver
         clock.start()
         with torch.no_grad():
             sol = deqkit.fixed_point(
-                clock, problem.z0, inputs=problem.inputs, solver=solver, tol=tol, stop_mode="rel",
+                clock, problem.z0, inputs=problem.inputs, solver=logged, tol=tol, stop_mode="rel",
                 max_steps=max_steps, active_set=active_set, throw=False,
             )
         wall = time.perf_counter() - clock.t0
-        trace = sol.stats.trace.max(dim=0).values  # the batch is done when its worst sample is
-        return {"nfev": sol.stats.nfev, "wall": wall, "in_f": clock.in_f, "trace": trace.tolist(), "times": clock.times[: len(trace)],
-                "converged": bool(sol.stats.converged.all()), "sample_evals": sol.stats.sample_evals}
+        trace = sol.stats.trace.max(dim=0).values.tolist()  # the batch is done when its worst sample is
+        out = {"nfev": sol.stats.nfev, "wall": wall, "in_f": clock.in_f,
+               "converged": bool(sol.stats.converged.all()), "sample_evals": sol.stats.sample_evals}
+        if traced:
+            nfe = [1] + [c + 1 for c in logged.calls_after_step][: len(trace) - 1]
+            out.update(trace=trace[: len(nfe)], trace_nfev=nfe, times=[clock.times[n - 1] for n in nfe])
+        return out
 
     return Runner(label, "deqkit", run, active_set)
 
 
+# torchdeq 0.1.0 calls f before its loop without recording a residual (anderson: twice, to
+# seed its memory; broyden: once, for g(z0)), then once per iteration with a trace entry; the
+# first entry of its trace is a placeholder (1e8), not a residual.
+_TORCHDEQ_CALLS_BEFORE_TRACE = {"fixed_point_iter": 0, "broyden": 1, "anderson": 2}
+
+
 def torchdeq_runner(label: str, name: str, **kwargs: Any) -> Runner:
-    def run(problem: Problem, tol: float, max_steps: int) -> dict:
+    def run(problem: Problem, tol: float, max_steps: int, traced: bool = False) -> dict:
         from torchdeq.solver import get_solver
 
         solver = get_solver(name)
@@ -96,10 +139,16 @@ def torchdeq_runner(label: str, name: str, **kwargs: Any) -> Runner:
             _, _, info = solver(lambda z: clock(z), problem.z0, max_iter=max_steps, tol=tol, stop_mode="rel", **kwargs)
         wall = time.perf_counter() - clock.t0
         nfev = len(clock.times)
-        trace = info["rel_trace"].max(dim=0).values[: nfev]
         converged = bool((info["rel_lowest"] <= tol).all())
-        return {"nfev": nfev, "wall": wall, "in_f": clock.in_f, "trace": trace.tolist(), "times": clock.times[: len(trace)],
-                "converged": converged, "sample_evals": nfev * problem.z0.shape[0]}
+        out = {"nfev": nfev, "wall": wall, "in_f": clock.in_f,
+               "converged": converged, "sample_evals": nfev * problem.z0.shape[0]}
+        if traced:
+            before = _TORCHDEQ_CALLS_BEFORE_TRACE[name]
+            # entries 1.. are the residuals of calls before+1 .. nfev (later ones pad a converged run)
+            trace = info["rel_trace"].max(dim=0).values[1: 1 + nfev - before].tolist()
+            nfe = list(range(before + 1, before + 1 + len(trace)))
+            out.update(trace=trace, trace_nfev=nfe, times=[clock.times[n - 1] for n in nfe])
+        return out
 
     return Runner(label, "torchdeq", run)
 
@@ -132,12 +181,20 @@ def time_f(problem: Problem, repeats: int) -> float:
     return statistics.median(times)
 
 
+def within_budget(traces: dict, budget: int) -> dict:
+    """The traces up to ``budget`` evaluations of f: the same budget for every solver (a
+    solver whose steps call f several times, as NewtonKrylov's do, runs past it in its
+    fixed-budget run, which counts steps)."""
+    keep = sum(1 for n in traces["trace_nfev"] if n <= budget)
+    return {k: v[:keep] for k, v in traces.items()}
+
+
 def bench(problem: Problem, runner: Runner, tol: float, repeats: int, t_f: float) -> dict:
     runner.run(problem, tol, problem.budget)  # warm-up
     runs = [runner.run(problem, tol, problem.budget) for _ in range(repeats)]
     to_tol = runs[0]
     walls = [r["wall"] for r in runs]
-    budget = runner.run(problem, 1e-12, problem.budget)  # fixed budget, for the traces
+    budget = runner.run(problem, 1e-12, problem.budget, traced=True)  # fixed budget, for the traces
     # Overhead: the run's time outside f over its time inside f (both measured in the same run).
     overhead = statistics.median((r["wall"] - r["in_f"]) / r["in_f"] for r in runs)
     return {
@@ -153,41 +210,76 @@ def bench(problem: Problem, runner: Runner, tol: float, repeats: int, t_f: float
         "sample_evals": to_tol["sample_evals"],
         "f_seconds": t_f,
         "overhead_per_iter": overhead,
-        "trace_nfev": list(range(1, len(budget["trace"]) + 1)),
-        "trace_residual": budget["trace"],
-        "trace_seconds": budget["times"],
+        "budget_nfe": problem.budget,
+        **within_budget({"trace_nfev": budget["trace_nfev"], "trace_residual": budget["trace"],
+                         "trace_seconds": budget["times"]}, problem.budget),
     }
 
 
-def plot(results: list[dict], problems: list[Problem], out: Path) -> list[str]:
+def _label(r: dict) -> str:
+    return r["solver"] + (" (active set)" if r["active_set"] else "")
+
+
+PLOTS = (  # x key, x label, file, what the figure shows
+    ("trace_nfev", "f evaluations (NFE)", "residual_vs_nfe.png", "against f evaluations"),
+    ("trace_seconds", "wall time since the solve started (s, log scale)", "residual_vs_seconds.png", "against wall time"),
+)
+
+
+def figure(results: list[dict], problems: list[Problem], x_key: str, x_label: str, what: str):
+    """One panel per problem, one line per solver; a solver keeps its colour in every panel
+    (deqkit solid, torchdeq dashed, active set dotted with markers), and one legend, in a cell
+    of its own, names every line of every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    tol = results[0]["tol"]
+    colour = {b: plt.cm.tab10(i % 10) for i, b in enumerate(dict.fromkeys(r["solver"] for r in results))}
+
+    def style(r: dict) -> dict:
+        if r["active_set"]:
+            return {"color": colour[r["solver"]], "ls": ":", "marker": ".", "markevery": 5, "lw": 1.6}
+        return {"color": colour[r["solver"]], "ls": "-" if r["library"] == "deqkit" else "--", "lw": 1.3}
+
+    cols = min(3, len(problems) + 1)
+    rows = math.ceil((len(problems) + 1) / cols)  # + 1: a cell for the legend
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    handles: dict[str, Line2D] = {}
+    for ax, problem in zip(axes.flat, problems):
+        for r in results:
+            if r["problem"] != problem.name:
+                continue
+            n = min(len(r[x_key]), len(r["trace_residual"]))
+            (line,) = ax.semilogy(r[x_key][:n], r["trace_residual"][:n], **style(r))
+            handles.setdefault(_label(r), line)
+        ax.axhline(tol, color="grey", lw=0.8, ls=":")
+        if x_key == "trace_seconds":  # solvers differ by orders of magnitude in time per step
+            ax.set_xscale("log")
+        ax.set_title(f"{problem.name}: {problem.description}", fontsize=8)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("relative residual, worst sample")
+        ax.grid(alpha=0.3)
+    spare = list(axes.flat)[len(problems):]
+    for ax in spare:
+        ax.axis("off")
+    handles[f"tolerance ({tol:g})"] = Line2D([], [], color="grey", lw=0.8, ls=":")
+    spare[0].legend(handles.values(), handles.keys(), loc="center", fontsize=8, frameon=False,
+                    title="solid: deqkit, dashed: torchdeq 0.1.0", title_fontsize=8)
+    fig.suptitle(f"Residual {what}: max over the batch of ||f(z) - z|| / ||f(z)||, same budget of f evaluations per problem",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot(results: list[dict], problems: list[Problem], out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
 
     files = []
-    for x_key, x_label, fname in (("trace_nfev", "f evaluations", "residual_vs_nfe.png"),
-                                  ("trace_seconds", "seconds", "residual_vs_seconds.png")):
-        cols = min(3, len(problems))
-        rows = math.ceil(len(problems) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
-        for ax, problem in zip(axes.flat, problems):
-            for r in results:
-                if r["problem"] != problem.name:
-                    continue
-                style = "-" if r["library"] == "deqkit" else "--"
-                label = r["solver"] + (" (active set)" if r["active_set"] else "")
-                n = min(len(r[x_key]), len(r["trace_residual"]))
-                ax.semilogy(r[x_key][:n], r["trace_residual"][:n], style, label=label)
-            ax.axhline(results[0]["tol"], color="grey", lw=0.8, ls=":")
-            ax.set_title(problem.name)
-            ax.set_xlabel(x_label)
-            ax.set_ylabel("max relative residual")
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(problems):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
-        fig.tight_layout()
+    for x_key, x_label, fname, what in PLOTS:
+        fig = figure(results, problems, x_key, x_label, what)
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         files.append(fname)
@@ -197,7 +289,7 @@ def plot(results: list[dict], problems: list[Problem], out: Path) -> list[str]:
 def table(results: list[dict]) -> str:
     lines = ["| problem | solver | NFE to tol | ms to tol | time outside f / time in f |", "|---|---|---|---|---|"]
     for r in results:
-        label = r["solver"] + (" (active set)" if r["active_set"] else "")
+        label = _label(r)
         nfe = r["nfev_to_tol"] if r["nfev_to_tol"] is not None else "not reached"
         ms = f"{1e3 * r['seconds_to_tol']:.1f}" if r["seconds_to_tol"] is not None else "-"
         ov = f"{100 * r['overhead_per_iter']:.1f}%"
@@ -205,22 +297,37 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small subset, for smoke tests (well under a minute)")
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"), help="output folder")
     parser.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per run (default 1 quick, 5 full)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per run (default 3 quick, 5 full)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1; 0: torch's choice, one per core). With more than one, "
+                             "any other busy process on the machine can slow the solvers' small batched ops 10-100x "
+                             "(docs/benchmarks.md, 'Timing on a shared machine')")
     parser.add_argument("--only", nargs="*", default=None, help="problem names to run (default all)")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the plots from OUT/results.json (of the same --quick/--only/--get-checkpoint) without measuring")
     parser.add_argument("--get-checkpoint", default=None,
                         help="a GET-T/2 training checkpoint (examples/get_distillation train): adds the trained equilibrium function")
     args = parser.parse_args(argv)
     if args.tol <= 0:
         parser.error(f"--tol must be > 0, got {args.tol}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 5)
     try:
         import torchdeq  # noqa: F401
 
@@ -233,6 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p for p in every if p.name in args.only] if args.only else every
     if not problems:
         parser.error(f"--only matched no problem; names: {[p.name for p in every]}")
+    if args.replot:
+        payload = json.loads((args.out / "results.json").read_text())
+        budgets = {p.name: p.budget for p in problems}
+        for r in payload["results"]:
+            r.update(within_budget({k: r[k] for k in ("trace_nfev", "trace_residual", "trace_seconds")}, budgets[r["problem"]]))
+            r["budget_nfe"] = budgets[r["problem"]]
+        payload["plots"] = plot(payload["results"], [p for p in problems if p.name in budgets], args.out)
+        (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+        print(f"redrew {', '.join(str(args.out / p) for p in payload['plots'])} from {args.out / 'results.json'}")
+        return 0
+    load_before = _load()
+    if load_before is not None and load_before > 0.5:
+        print(f"warning: the 1-minute load average is {load_before:.2f}: other processes are using the CPUs, "
+              "so wall times will be inflated (NFE counts are not affected)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     try:
@@ -257,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "tol": args.tol,
         "stop_mode": "rel",
         "repeats": repeats,
+        "load_average_1min": {"before": load_before, "after": _load()},
         "problems": [{"name": p.name, "description": p.description, "f_seconds": f_times[p.name]} for p in problems],
         "results": results,
     }
