@@ -25,7 +25,7 @@ import abc
 import contextlib
 import dataclasses
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor
@@ -81,9 +81,9 @@ class _ReuseParametrizeCache:
     A reusable context manager (checkpointing enters it at every recomputation, twice for a
     second derivative)."""
 
-    def __init__(self, cache: Optional[dict]):
+    def __init__(self, cache: Optional[dict[Any, Any]]):
         self.cache = cache
-        self.saved: list = []
+        self.saved: list[dict[Any, Any]] = []
 
     def __enter__(self) -> None:
         if self.cache is not None:
@@ -97,7 +97,7 @@ class _ReuseParametrizeCache:
             parametrize._cache = self.saved.pop()
 
 
-def _live_parametrize_cache() -> Optional[dict]:
+def _live_parametrize_cache() -> Optional[dict[Any, Any]]:
     """The dict of parametrised tensors cached by the running ``parametrize.cached()``, if any."""
     if getattr(parametrize, "_cache_enabled", 0) and isinstance(getattr(parametrize, "_cache", None), dict):
         return parametrize._cache
@@ -122,10 +122,10 @@ def _checkpointed(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
             first[0] = False
             return f(z, *inputs)
         cache = _live_parametrize_cache()
-        return checkpoint(
+        return cast(Tensor, checkpoint(
             f, z, *inputs, use_reentrant=False,
             context_fn=lambda: (contextlib.nullcontext(), _ReuseParametrizeCache(cache)),
-        )
+        ))
 
     return call
 
@@ -155,7 +155,7 @@ class Unrolled(AbstractBackward):
         if not isinstance(self.checkpoint, bool):
             raise TypeError(f"checkpoint must be True or False, got {self.checkpoint!r}")
 
-    def check(self, solver, options):
+    def check(self, solver: Any, options: SolveOptions) -> None:
         if not getattr(solver, "differentiable", True):
             why = getattr(solver, "why_not_differentiable", "its iterations are not recorded by autograd")
             raise ValueError(
@@ -163,7 +163,7 @@ class Unrolled(AbstractBackward):
                 "Phantom() or OneStep() with it, or Unrolled() with FixedPoint, Anderson or Broyden."
             )
 
-    def wrap(self, f):
+    def wrap(self, f: Callable[..., Tensor]) -> Callable[..., Tensor]:
         return _checkpointed(f) if self.checkpoint else f
 
 
@@ -176,7 +176,7 @@ class OneStep(AbstractBackward):
     "JFB: Jacobian-free backpropagation for implicit networks", 2022).
     """
 
-    def surrogate(self, call, z, log, throw):
+    def surrogate(self, call: Call, z: Tensor, log: BackwardLog, throw: bool) -> Optional[Tensor]:
         return call(z.detach())
 
 
@@ -202,7 +202,7 @@ class Phantom(AbstractBackward):
         check_positive_int("steps", self.steps)
         check_unit_interval("tau", self.tau)
 
-    def surrogate(self, call, z, log, throw):
+    def surrogate(self, call: Call, z: Tensor, log: BackwardLog, throw: bool) -> Optional[Tensor]:
         z = z.detach()
         for _ in range(self.steps):
             fz = call(z)
@@ -248,12 +248,12 @@ class Implicit(AbstractBackward):
         """The options of the adjoint solve."""
         return SolveOptions(tol=self.tol, stop_mode=self.stop_mode, max_steps=self.max_steps, divergence=1e4, throw=False)
 
-    def surrogate(self, call, z, log, throw):
+    def surrogate(self, call: Call, z: Tensor, log: BackwardLog, throw: bool) -> Optional[Tensor]:
         z_req = z.detach().requires_grad_(True)
         fz = call(z_req)
         if not _needs_grad_besides(fz, z_req):  # nothing in f needs a gradient
             return None
-        return _ImplicitAdjoint.apply(fz, z_req, self, log, throw)
+        return cast(Tensor, _ImplicitAdjoint.apply(fz, z_req, self, log, throw))  # type: ignore[no-untyped-call]
 
     def adjoint(self, fz: Tensor, z_req: Tensor, grad: Tensor, log: BackwardLog, throw: bool) -> Tensor:
         """Solve ``u = J^T u + grad`` with vector-Jacobian products through ``fz = f(z_req)``."""
@@ -299,7 +299,7 @@ def _needs_grad_besides(out: Tensor, leaf: Tensor) -> bool:
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
         if variable is not None and variable is not leaf:
             return True
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
     return False
 
 
@@ -307,13 +307,13 @@ class _ImplicitAdjoint(torch.autograd.Function):
     """Identity forward; backward replaces the incoming gradient g by the adjoint solution u."""
 
     @staticmethod
-    def forward(ctx, fz, z_req, mode, log, throw):
+    def forward(ctx: Any, fz: Tensor, z_req: Tensor, mode: Implicit, log: BackwardLog, throw: bool) -> Tensor:
         ctx.graph = (fz, z_req)  # the one-call graph used for vector-Jacobian products
         ctx.mode, ctx.log, ctx.throw = mode, log, throw
         return fz.view_as(fz)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "second derivatives through backward=Implicit() are not supported (a backward pass "

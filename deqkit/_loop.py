@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ _SUCCESS, _DIVERGED, _NONFINITE, _MAX_STEPS = (int(r) for r in (Result.SUCCESS, 
 
 
 def _flat_norm(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype)
+    return cast(Tensor, torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=dtype))
 
 
 def scaled_norm(x: Tensor) -> Tensor:
@@ -72,7 +72,7 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _versions(tensors: Sequence[Any]) -> tuple:
+def _versions(tensors: Sequence[Any]) -> tuple[Optional[int], ...]:
     return tuple(t._version if isinstance(t, Tensor) else None for t in tensors)
 
 
@@ -144,7 +144,7 @@ class Problem:
         self._idx = None if idx.numel() == self._batch else idx
 
     # -- evaluation -------------------------------------------------------------------------
-    def _call(self, z: Tensor, inputs: tuple) -> Tensor:
+    def _call(self, z: Tensor, inputs: tuple[Any, ...]) -> Tensor:
         before = _versions((z, *inputs))
         if self._grad_first:  # fills the solve's cache of normalised weights with their graph
             self._grad_first = False
@@ -183,7 +183,7 @@ class Problem:
                     f"f must return z0's dtype: f(z) is {out.dtype}, z0 is {self._dtype} "
                     "(under autocast the output is cast back automatically)"
                 )
-        return out
+        return cast(Tensor, out)
 
     def f(self, z: Tensor) -> Tensor:
         """One counted call of the map on the whole batch."""
@@ -227,8 +227,8 @@ class Problem:
             try:
                 with warnings.catch_warnings():  # torch's own first-use notice in forward AD
                     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
-                    _, tangent = torch.func.jvp(lambda u: self._f(u, *inputs), (z,), (v.to(z.dtype),))
-                return tangent.to(self._dtype)
+                    _, tangent = torch.func.jvp(lambda u: self._f(u, *inputs), (z,), (v.to(z.dtype),))[:2]
+                return cast(Tensor, tangent).to(self._dtype)
             except (NotImplementedError, RuntimeError) as err:
                 if method == "forward" or "forward AD" not in str(err) and "forward-mode" not in str(err).lower():
                     raise
@@ -243,7 +243,7 @@ class Problem:
         vn = torch.linalg.vector_norm(v.reshape(b, -1).float(), dim=1).clamp_min(1e-30)
         h = (eps ** 0.5) * (1 + zn) / vn  # (B,) per-sample step
         hb = h.reshape((-1,) + (1,) * (z.dim() - 1)).to(z.dtype)
-        return (self.f(z + hb * v.to(z.dtype)) - fz) / hb
+        return cast(Tensor, (self.f(z + hb * v.to(z.dtype)) - fz) / hb)
 
 
 @dataclasses.dataclass
@@ -256,7 +256,7 @@ class LoopOutput:
     status: Tensor        # (B,) Result codes
     steps: Tensor         # (B,) iterations each sample took part in
     trace: Tensor         # (B, T)
-    trajectory: tuple     # last k pairs (z_i, f(z_i)), oldest first
+    trajectory: tuple[tuple[Tensor, Tensor], ...]  # last k pairs (z_i, f(z_i)), oldest first
     nfev: int
     sample_evals: int
 
@@ -282,7 +282,7 @@ def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) ->
     diverged_above = None
     best_z, best_fz = z, fz
     trace: list[np.ndarray] = []
-    kept: collections.deque = collections.deque(maxlen=options.trajectory)
+    kept: collections.deque[tuple[Tensor, Tensor]] = collections.deque(maxlen=options.trajectory)
     active = np.ones(batch, dtype=bool)
     res_dtype = torch.promote_types(z0.dtype, torch.float32)
 

@@ -93,7 +93,7 @@ class DEQ(nn.Module):
         opts = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
         return f"solver={self.solver!r}, backward={self.backward!r}, init={self.init!r}, {opts}"
 
-    def _start(self, inputs: tuple) -> Tensor:
+    def _start(self, inputs: tuple[Any, ...]) -> Tensor:
         if callable(self.init):
             return self.init(*inputs)
         if not inputs or not isinstance(inputs[0], Tensor):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, cast
 
 import torch
 from torch import Tensor
@@ -158,4 +158,4 @@ def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iters: int = 20,
             h[:, j + 1, j] = norm
             basis.append(w / norm.clamp_min(torch.finfo(dt).tiny).unsqueeze(1))
     ritz = torch.linalg.eigvals(h[:, :n, :n])
-    return ritz.abs().amax(dim=1).to(dt)
+    return cast(Tensor, ritz.abs().amax(dim=1).to(dt))

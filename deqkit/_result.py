@@ -66,7 +66,7 @@ class BackwardStats:
     """The worst per-sample code of the adjoint solve."""
 
 
-class BackwardLog(list):
+class BackwardLog(list["BackwardStats"]):
     """The record of the backward passes through one solve: a list of ``BackwardStats``.
 
     ``Stats`` is built once, when the forward solve ends, and never changes; its ``backward``

@@ -121,7 +121,7 @@ def fixed_point(
     return solve(f, z0, tuple(inputs), solver, backward, options)
 
 
-def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple, solver: Any, backward: AbstractBackward,
+def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver: Any, backward: AbstractBackward,
           options: SolveOptions) -> Solution:
     """``fixed_point`` with its options as one checked ``SolveOptions`` record (used by ``DEQ``)."""
     backward.check(solver, options)
@@ -129,7 +129,7 @@ def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple, solver: Any, back
         return _solve(f, z0, inputs, solver, backward, options)
 
 
-def _solve(f, z0: Tensor, inputs: tuple, solver: Any, backward: AbstractBackward, options: SolveOptions) -> Solution:
+def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver: Any, backward: AbstractBackward, options: SolveOptions) -> Solution:
     record = backward.records_forward and torch.is_grad_enabled()
     attach = torch.is_grad_enabled() and not record
     problem = Problem(f, z0, inputs, active_set=options.active_set, wrap=backward.wrap if record else None,
@@ -150,7 +150,7 @@ def _solve(f, z0: Tensor, inputs: tuple, solver: Any, backward: AbstractBackward
             # The mode attaches its gradient to the value and to every kept iterate, each at
             # its own point; values stay the forward's, bit for bit.
             graph_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
-            attached: dict = {}
+            attached: dict[int, Tensor] = {}
 
             def attach_to(z: Tensor, fz: Tensor) -> Tensor:
                 if id(fz) not in attached:

@@ -35,10 +35,11 @@ def fp_correction(
         raise ValueError("trajectory is empty: ask fixed_point for iterates with trajectory=n")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
-    total = None
+    total: Tensor | None = None
     for weight, z in zip(fp_weights(len(trajectory), gamma), trajectory):
         loss = loss_fn(z)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} of shape {getattr(loss, 'shape', None)}")
         total = weight * loss if total is None else total + weight * loss
+    assert total is not None  # the trajectory is not empty
     return total

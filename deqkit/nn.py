@@ -8,13 +8,13 @@ no reset between solves. ``fixed_point`` and ``DEQ`` evaluate parametrisations o
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from ._context import current_rows, current_solve
+from ._context import SolveToken, current_rows, current_solve
 
 _DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _KINDS = ("weight", "spectral")
@@ -25,7 +25,7 @@ def apply_norm(
     kind: str = "weight",
     *,
     names: Iterable[str] = ("weight",),
-    types: tuple = _DEFAULT_TYPES,
+    types: tuple[type[nn.Module], ...] = _DEFAULT_TYPES,
     exclude: Iterable[str] = (),
 ) -> nn.Module:
     """Parametrise the weights of every ``types`` submodule with weight or spectral norm.
@@ -76,7 +76,7 @@ def remove_norm(module: nn.Module) -> nn.Module:
     """Remove deqkit/torch parametrisations, keeping the current normalised values as weights."""
     for sub in module.modules():
         if parametrize.is_parametrized(sub):
-            for name in list(sub.parametrizations.keys()):
+            for name in list(cast(nn.ModuleDict, sub.parametrizations).keys()):
                 parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
     return module
 
@@ -108,7 +108,7 @@ class VariationalDropout(nn.Module):
         'SUCCESS'
     """
 
-    def __init__(self, p: float = 0.1, shared_dims: tuple = ()):
+    def __init__(self, p: float = 0.1, shared_dims: tuple[int, ...] = ()):
         super().__init__()
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
@@ -117,7 +117,7 @@ class VariationalDropout(nn.Module):
         if 0 in self.shared_dims:
             raise ValueError("shared_dims cannot include the batch dim 0")
         self._mask: Optional[Tensor] = None
-        self._token = None
+        self._token: Optional[SolveToken] = None
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared_dims={self.shared_dims}"

@@ -115,8 +115,6 @@ def test_installed_deqkit_is_typed_for_its_users(tmp_path, cache):
     assert proc.returncode == 1 and "import-untyped" in proc.stdout, proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=False, reason="pending the core's fixes (issue 14 item 2): mypy --strict reports errors "
-                                        "in deqkit/*.py and deqkit/solvers/*.py, which this change may not edit")
 def test_deqkit_passes_mypy_strict(cache):
     proc = _mypy("--config-file", "pyproject.toml", cwd=ROOT, cache=cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr

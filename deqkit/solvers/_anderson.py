@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ class AndersonState(NamedTuple):
     gram: Tensor     # (B, m, m) g g^T
     valid: Tensor    # (B, m) 1.0 for slots in use, per sample, else 0.0
     best: Tensor     # (B,) smallest residual norm seen since the last restart
-    count: int       # steps taken (the next slot is count % m)
+    n_steps: int     # steps taken (the next slot is n_steps % m)
 
 
 def _write(buf: Tensor, index: int, value: Tensor, dim: int, inplace: bool) -> Tensor:
@@ -67,14 +67,14 @@ class Anderson(AbstractSolver):
     lam: float = 1e-4
     restart: float = 4.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_positive_int("m", self.m)
         check_unit_interval("beta", self.beta)
         check_positive("lam", self.lam, allow_zero=True)
         if not isinstance(self.restart, (int, float)) or not self.restart > 1:
             raise ValueError(f"restart must be a number > 1, got {self.restart!r}")
 
-    def init(self, z: Tensor, fz: Tensor, problem) -> AndersonState:
+    def init(self, z: Tensor, fz: Tensor, problem: Any) -> AndersonState:
         b, d = z.shape[0], z[0].numel()
         dt = work_dtype(z.dtype)
         return AndersonState(
@@ -83,10 +83,10 @@ class Anderson(AbstractSolver):
             gram=z.new_zeros((b, self.m, self.m), dtype=dt),
             valid=z.new_zeros((b, self.m), dtype=dt),
             best=torch.full((b,), float("inf"), dtype=dt, device=z.device),
-            count=0,
+            n_steps=0,
         )
 
-    def step(self, z: Tensor, fz: Tensor, state: AndersonState, problem):
+    def step(self, z: Tensor, fz: Tensor, state: AndersonState, problem: Any) -> tuple[Tensor, Any]:
         b, m = z.shape[0], self.m
         dt = state.f.dtype
         inplace = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad or state.f.requires_grad))
@@ -94,7 +94,7 @@ class Anderson(AbstractSolver):
         if x.dtype != dt:
             x, fx = x.to(dt), fx.to(dt)
         g = fx - x
-        slot = state.count % m
+        slot = state.n_steps % m
 
         # Safeguard: a sample whose residual grew past `restart` times its best (or is NaN)
         # forgets its memory.
@@ -120,7 +120,7 @@ class Anderson(AbstractSolver):
         z_next = combine(alpha, fs)  # sum_i alpha_i f(x_i) = sum_i alpha_i (x_i + g_i)
         if self.beta != 1.0:
             z_next = z_next - (1 - self.beta) * combine(alpha, gs)
-        state = AndersonState(fs, gs, gram, valid, best, state.count + 1)
+        state = AndersonState(fs, gs, gram, valid, best, state.n_steps + 1)
         return z_next.reshape(z.shape).to(z.dtype), state
 
     def _weights(self, gram: Tensor, valid: Tensor) -> Tensor:
@@ -136,5 +136,5 @@ class Anderson(AbstractSolver):
         h = gram * d.unsqueeze(2) * d.unsqueeze(1)
         h.diagonal(dim1=1, dim2=2).add_(valid * (self.lam - 1) + 1)
         y, _ = torch.linalg.solve_ex(h, d.unsqueeze(2))
-        sol = y.squeeze(2) * d
+        sol: Tensor = y.squeeze(2) * d
         return sol / sol.sum(dim=1, keepdim=True)

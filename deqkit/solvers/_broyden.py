@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -51,13 +51,13 @@ class Broyden(AbstractSolver):
 
     memory: int = 20
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_positive_int("memory", self.memory)
 
-    def init(self, z: Tensor, fz: Tensor, problem) -> Optional[BroydenState]:
+    def init(self, z: Tensor, fz: Tensor, problem: Any) -> Optional[BroydenState]:
         return None
 
-    def step(self, z: Tensor, fz: Tensor, state: Optional[BroydenState], problem):
+    def step(self, z: Tensor, fz: Tensor, state: Optional[BroydenState], problem: Any) -> tuple[Tensor, Any]:
         b = z.shape[0]
         dt = work_dtype(z.dtype)
         x = z.reshape(b, -1).to(dt)

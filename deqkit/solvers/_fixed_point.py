@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import Tensor
 
@@ -30,10 +31,10 @@ class FixedPoint(AbstractSolver):
 
     damping: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_unit_interval("damping", self.damping)
 
-    def step(self, z: Tensor, fz: Tensor, state, problem):
+    def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         if self.damping == 1.0:
             return fz, state
         return z + self.damping * (fz - z), state

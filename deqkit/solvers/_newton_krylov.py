@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -60,14 +60,14 @@ class NewtonKrylov(AbstractSolver):
     damping: float = 1.0
     jvp: str = "auto"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.jvp not in _JVP_METHODS:
             raise ValueError(f"jvp must be one of {_JVP_METHODS}, got {self.jvp!r}")
         check_positive_int("krylov_dim", self.krylov_dim)
         check_positive("krylov_rtol", self.krylov_rtol)
         check_unit_interval("damping", self.damping)
 
-    def step(self, z: Tensor, fz: Tensor, state, problem):
+    def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         b = z.shape[0]
         dt = work_dtype(z.dtype)
         tiny = torch.finfo(dt).tiny
@@ -118,7 +118,7 @@ class NewtonKrylov(AbstractSolver):
         return z_next.reshape(z.shape).to(z.dtype), state
 
     @staticmethod
-    def _least_squares(h_cols, beta):
+    def _least_squares(h_cols: list[Tensor], beta: Tensor) -> tuple[Tensor, Tensor]:
         """min_y ||beta e1 - H y|| per sample, H the (k+1) x k Hessenberg matrix."""
         k = len(h_cols)
         b = beta.shape[0]

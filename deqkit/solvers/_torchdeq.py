@@ -7,13 +7,14 @@ import importlib
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from ._base import AbstractSolver
 
 _NAMES = ("anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter")
 
 
-def _import_torchdeq():
+def _import_torchdeq() -> Any:
     try:
         return importlib.import_module("torchdeq.solver")
     except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -54,7 +55,7 @@ class TorchDEQSolver(AbstractSolver):
     """
 
     name: str
-    kwargs: tuple
+    kwargs: tuple[tuple[str, Any], ...]
     differentiable: ClassVar[bool] = False
     why_not_differentiable: ClassVar[str] = "torchdeq detaches its iterates, so no gradient can flow through them"
 
@@ -74,10 +75,10 @@ class TorchDEQSolver(AbstractSolver):
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "kwargs", tuple(sorted(kwargs.items())))
 
-    def step(self, z, fz, state, problem):  # pragma: no cover - the adapter runs torchdeq's own loop
+    def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:  # pragma: no cover - the adapter runs torchdeq's own loop
         raise RuntimeError("TorchDEQSolver runs torchdeq's loop; it is driven through run()")
 
-    def run(self, problem, z0, options):
+    def run(self, problem: Any, z0: Tensor, options: Any) -> Any:
         """Solve with torchdeq's loop; return the shared loop's record (``LoopOutput``)."""
         from .._loop import LoopOutput, residual_norms
         from .._result import Result
@@ -89,11 +90,13 @@ class TorchDEQSolver(AbstractSolver):
             )
         fn = _import_torchdeq().get_solver(self.name)
         stop_mode = options.stop_mode
-        abs_hist, res_hist, calls = [], [], []
+        abs_hist: list[Tensor] = []
+        res_hist: list[Tensor] = []
+        calls: list[tuple[Tensor, Tensor]] = []
 
-        def func(z):
+        def func(z: Tensor) -> Tensor:
             z = z.reshape(z0.shape)
-            out = problem.f(z)
+            out: Tensor = problem.f(z)
             diff, size = residual_norms(z, out)
             diff, size = diff.double(), size.double()
             abs_hist.append(diff)
@@ -131,7 +134,7 @@ class TorchDEQSolver(AbstractSolver):
         )
 
     @staticmethod
-    def _preimage(value, calls):
+    def _preimage(value: Tensor, calls: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Each sample's ``z_k`` with ``f(z_k)`` = the row torchdeq returned (the latest such call);
         the value itself for a sample torchdeq returned unchanged from its start."""
         b = value.shape[0]
