@@ -61,12 +61,6 @@ def residual_norms(z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
     return diff, size
 
 
-def residual_norm(z: Tensor, fz: Tensor, stop_mode: str) -> Tensor:
-    """Per-sample residual: ``||f(z) - z||`` ("abs") or that over ``||f(z)|| + 1e-9`` ("rel")."""
-    diff, size = residual_norms(z, fz)
-    return diff if stop_mode == "abs" else diff / (size + 1e-9)
-
-
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
     """Broadcast a (B,) mask against a (B, ...) tensor."""
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
@@ -164,14 +158,10 @@ class Problem:
     def _check(self, out: Any, z: Tensor) -> Tensor:
         if not isinstance(out, Tensor):
             raise TypeError(f"f must return a Tensor, got {type(out).__name__}")
-        if out.shape != z.shape:
-            hint = ""
-            if self.active_set and out.shape[1:] == z.shape[1:]:
-                hint = (" With active_set=True, f is called on a subset of the batch: pass "
-                        "per-sample inputs through `inputs=` instead of capturing them in f.")
+        if out.shape != z.shape:  # under the active set, evaluate() adds a note on inputs=
             raise ValueError(
                 f"f must return a tensor of the same shape as z: f(z) has shape "
-                f"{tuple(out.shape)}, z has shape {tuple(z.shape)}.{hint}"
+                f"{tuple(out.shape)}, z has shape {tuple(z.shape)}"
             )
         if out.device != self._device:
             raise ValueError(f"f must return a tensor on z0's device: got {out.device}, z0 is on {self._device}")

@@ -422,3 +422,76 @@ def test_stats_print_a_summary():
     text = repr(sol.stats)
     assert text.startswith("Stats(batch_size=3, nfev=") and "converged=3/3" and "tensor(" not in text
     assert "backward_passes=0" in text
+
+
+# -- gaps found by mutation testing -------------------------------------------------------------
+
+def test_solve_options_defaults_are_fixed_points_defaults():
+    import dataclasses
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(deqkit.fixed_point).parameters.items()}
+    for field in dataclasses.fields(deqkit.SolveOptions):
+        assert getattr(deqkit.SolveOptions(), field.name) == defaults[field.name], field.name
+    deq = deqkit.DEQ(lambda z, x: 0.5 * z + x)
+    assert deq.options == dataclasses.replace(deqkit.SolveOptions(), throw_on_max_steps=False)
+
+
+@pytest.mark.parametrize("obj", [deqkit.FixedPoint(), deqkit.Anderson(), deqkit.Broyden(), deqkit.NewtonKrylov(),
+                                 deqkit.Implicit(), deqkit.Phantom(), deqkit.Unrolled(), deqkit.OneStep(),
+                                 deqkit.SolveOptions()], ids=lambda o: type(o).__name__)
+def test_solvers_modes_and_options_are_immutable_and_hashable(obj):
+    import dataclasses
+
+    field = dataclasses.fields(obj)[0].name if dataclasses.fields(obj) else "x"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(obj, field, None)
+    assert hash(obj) == hash(type(obj)(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}))
+
+
+def test_a_one_dimensional_state_is_a_batch_of_scalars():
+    sol = deqkit.fixed_point(torch.cos, torch.zeros(3, dtype=F64), tol=1e-12, max_steps=100)
+    assert sol.value.shape == (3,) and sol.stats.steps.shape == (3,)
+    torch.testing.assert_close(sol.value, torch.full((3,), 0.7390851332151607, dtype=F64))
+
+
+def test_active_set_note_is_deqkits():
+    rates = torch.tensor([[0.1], [0.95]], dtype=F64)
+    b = torch.ones(2, 3, dtype=F64)
+    with pytest.raises(ValueError) as info:
+        deqkit.fixed_point(lambda z: rates * z + b, torch.zeros(2, 3, dtype=F64), solver=deqkit.FixedPoint(),
+                           tol=1e-10, max_steps=1000, active_set=True)
+    assert str(info.value) == "f must return a tensor of the same shape as z: f(z) has shape (2, 3), z has shape (1, 3)"
+    (note,) = info.value.__notes__
+    assert note == ("deqkit: raised by f called on 1 of 2 samples (active_set=True); f must treat samples "
+                    "independently, with per-sample inputs passed through inputs=.")
+
+
+@pytest.mark.parametrize("jvp", ["forward", "finite_difference", "auto"])
+def test_newton_krylov_jacobian_vector_products(jvp):
+    f, x, _ = tanh_map(dim=6, batch=3, rho=0.9)
+    sol = deqkit.fixed_point(f, torch.zeros(3, 6, dtype=F64), inputs=(x,), solver=deqkit.NewtonKrylov(jvp=jvp, krylov_rtol=1e-10),
+                             tol=1e-9 if jvp == "finite_difference" else 1e-12, max_steps=30)
+    ref = deqkit.fixed_point(f, torch.zeros(3, 6, dtype=F64), inputs=(x,), solver=deqkit.Anderson(), tol=1e-13, max_steps=200)
+    torch.testing.assert_close(sol.value, ref.value, rtol=1e-7, atol=1e-8)
+    assert sol.stats.sample_evals == 3 * sol.stats.nfev  # every call and JVP on the whole batch
+    assert int(sol.stats.steps.max()) <= 8  # Newton: a few steps, each with its Krylov JVPs
+    assert sol.stats.nfev > int(sol.stats.steps.max())
+
+
+def test_newton_krylov_falls_back_to_finite_differences_only_for_missing_forward_ad():
+    # CPU's fused attention kernel has no forward-mode derivative
+    f = lambda z: 0.5 * F.scaled_dot_product_attention(z, z, z) + 0.1  # noqa: E731
+    z0 = torch.zeros(1, 2, 16, 8)
+    sol = deqkit.fixed_point(f, z0, solver=deqkit.NewtonKrylov(jvp="auto"), tol=1e-5, max_steps=30)
+    assert sol.success
+    with pytest.raises(RuntimeError):  # forward mode asked for explicitly: no silent fallback
+        deqkit.fixed_point(f, z0, solver=deqkit.NewtonKrylov(jvp="forward"), tol=1e-5, max_steps=30)
+
+    def broken(z):
+        if torch._C._functorch.maybe_current_level() is not None:  # inside the JVP only
+            raise RuntimeError("boom")
+        return 0.5 * torch.tanh(z) + 0.3
+
+    with pytest.raises(RuntimeError, match="boom"):  # f's own error inside the JVP is not swallowed
+        deqkit.fixed_point(broken, torch.zeros(2, 4, dtype=F64), solver=deqkit.NewtonKrylov(jvp="auto"), tol=1e-9, max_steps=30)
