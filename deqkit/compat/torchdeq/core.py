@@ -29,6 +29,7 @@ from .grad import backward_factory, make_pair
 from .loss import power_method
 from .norm import reset_norm
 from .solver import check_solver_options, get_solver
+from .solver._engine import solve_like_torchdeq
 from .utils.config import DEQConfig
 from .utils.layer_utils import deq_decorator
 
@@ -92,9 +93,8 @@ class DEQBase(nn.Module):
 
     def _solve(self, deq_func, z_init, max_iter, solver_kwargs, indexing=None):
         options = {k: v for k, v in solver_kwargs.items() if k != "f_max_iter"}
-        with torch.no_grad():
-            return self.f_solver(deq_func, z_init, max_iter=max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode,
-                                 indexing=indexing, **options)
+        return solve_like_torchdeq(self.f_solver, deq_func, z_init, int(max_iter), self.f_tol, self.f_stop_mode,
+                                   indexing=indexing, **options)
 
     def _eval(self, deq_func, z_init, solver_kwargs, sradius_mode):
         max_iter = solver_kwargs.get("f_max_iter", self.eval_f_max_iter)
