@@ -48,7 +48,7 @@ def fp_correction(crit: Callable, args, weight_func: str = "exp", return_loss_va
         >>> from deqkit.compat.torchdeq import fp_correction
         >>> crit = torch.nn.MSELoss()
         >>> y = torch.zeros(2)
-        >>> float(fp_correction(crit, ([torch.ones(2), 2 * torch.ones(2)], y)))
+        >>> round(float(fp_correction(crit, ([torch.ones(2), 2 * torch.ones(2)], y))), 4)
         4.8
     """
     if weight_func not in _weight_funcs:
