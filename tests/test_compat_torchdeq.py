@@ -356,3 +356,25 @@ def test_list_states_and_mem_gc():
     out = compat.mem_gc(lin, (x,))
     assert torch.allclose(out, lin(x))
     assert compat.mixed_init((4, 5)).shape == (4, 5)
+
+
+@pytest.mark.parametrize("name, shape, token_first", [
+    ("VariationalDropout", (2, 3, 4), None),
+    ("VariationalDropout1d", (2, 3, 4), True),
+    ("VariationalDropout2d", (2, 3, 4, 5), False),
+    ("VariationalDropToken1d", (2, 3, 4), False),
+    ("VariationalDropToken2d", (2, 3, 4, 5), True),
+])
+def test_variational_dropout_same_masks_as_torchdeq(name, shape, token_first):
+    torchdeq = pytest.importorskip("torchdeq")
+    kw = {} if token_first is None else dict(token_first=token_first)
+    x = torch.randn(*shape, dtype=F64)
+    outs = []
+    for lib in (torchdeq, compat):
+        torch.manual_seed(5)
+        layer = getattr(lib, name)(0.3, **kw)
+        first = layer(x)
+        assert torch.equal(layer(x), first)  # one mask until reset
+        lib.reset_deq(layer)
+        outs.append((first, layer(x)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

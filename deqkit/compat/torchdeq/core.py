@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dropout import reset_dropout
 from .grad import backward_factory, make_pair
 from .loss import power_method
 from .norm import reset_norm
@@ -254,6 +255,7 @@ def get_deq(args=None, **kwargs) -> DEQBase:
 
 
 def reset_deq(model: nn.Module) -> None:
-    """Recompute normalised weights of ``model`` (torchdeq's per-iteration reset); with
-    ``deqkit.compat.torchdeq``'s norms this is a no-op kept for compatibility."""
+    """torchdeq's per-iteration reset: new variational dropout masks at the next call (the
+    normalised weights need no reset here: they are always current)."""
     reset_norm(model)
+    reset_dropout(model)
