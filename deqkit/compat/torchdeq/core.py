@@ -244,7 +244,8 @@ def get_deq(args=None, **kwargs) -> DEQBase:
         >>> from deqkit.compat.torchdeq import get_deq
         >>> deq = get_deq(f_solver="anderson", f_max_iter=20, f_tol=1e-6).eval()
         >>> z_out, info = deq(lambda z: 0.5 * torch.cos(z), torch.zeros(2, 3))
-        >>> round(float(z_out[-1][0, 0]), 4), tuple(info["abs_lowest"].shape)
+        >>> z_star = z_out[-1]
+        >>> round(float(z_star[0, 0]), 4), tuple(info["abs_lowest"].shape)
         (0.4502, (2,))
     """
     config = DEQConfig(args, **kwargs)
