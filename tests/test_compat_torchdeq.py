@@ -153,6 +153,7 @@ MATRIX = [
     pytest.param("mlp", dict(core="indexing", f_solver="anderson", f_max_iter=10, f_tol=1e-12, indexing=[4, 7], grad=1, ift=True, b_solver="anderson"), id="mlp-indexing-ift"),
     pytest.param("mlp", dict(f_solver="simple_fixed_point_iter", f_max_iter=6, indexing=[2], grad=2), id="mlp-simple-indexing"),
     pytest.param("mlp", dict(f_solver="fixed_point_iter", f_max_iter=30, f_tol=1e-3, eval_factor=1.5, grad=1), id="mlp-fp-early-stop"),
+    pytest.param("mlp", dict(f_solver="anderson", f_max_iter=8, hook_ift=True, b_solver="broyden", b_max_iter=10), id="mlp-anderson-hook_ift-broyden"),
 ]
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -378,3 +379,24 @@ def test_variational_dropout_same_masks_as_torchdeq(name, shape, token_first):
         lib.reset_deq(layer)
         outs.append((first, layer(x)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_list_states_match_torchdeq():
+    """An MDEQ-style f of two states (flattened into one vector by both libraries)."""
+    torchdeq = pytest.importorskip("torchdeq")
+    results = []
+    for lib in (torchdeq, compat):
+        torch.manual_seed(0)
+        lin = nn.Linear(3, 3).double()
+        x = torch.randn(2, 3, dtype=F64)
+        f = lambda a, b: (0.5 * torch.tanh(lin(b) + x), 0.5 * torch.cos(a))  # noqa: E731
+        deq = lib.get_deq(f_solver="anderson", f_max_iter=8, grad=2, n_states=2)
+        z_out, info = deq(f, (torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64)))
+        sum(z[0].sum() + z[1].pow(2).sum() for z in z_out).backward()
+        results.append(([t.detach() for z in z_out for t in z], info, [p.grad for p in lin.parameters()]))
+    (a_states, a_info, a_grads), (b_states, b_info, b_grads) = results
+    assert len(a_states) == len(b_states) == 4
+    for u, v in zip(b_states + b_grads, a_states + a_grads):
+        assert _rel(u, v) <= RTOL
+    for key in a_info:
+        assert _rel(b_info[key], a_info[key]) <= RTOL
