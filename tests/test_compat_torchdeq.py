@@ -400,3 +400,15 @@ def test_list_states_match_torchdeq():
         assert _rel(u, v) <= RTOL
     for key in a_info:
         assert _rel(b_info[key], a_info[key]) <= RTOL
+
+
+def test_sradius_mode_matches_torchdeq():
+    torchdeq = pytest.importorskip("torchdeq")
+    infos = []
+    for lib in (torchdeq, compat):
+        model, x, z0, _ = _build("mlp")
+        deq = lib.get_deq(f_solver="anderson", f_max_iter=10).eval()
+        torch.manual_seed(7)
+        _, info = deq(lambda z: model(z, x), z0, sradius_mode=True)
+        infos.append(info["sradius"])
+    assert _rel(infos[1], infos[0]) <= RTOL
