@@ -414,3 +414,35 @@ def test_sradius_mode_matches_torchdeq():
         _, info = deq(lambda z: model(z, x), z0, sradius_mode=True)
         infos.append(info["sradius"])
     assert _rel(infos[1], infos[0]) <= RTOL
+
+
+def _rename(name: str, table: dict) -> str:
+    for ours, theirs in table.items():
+        name = name.replace(ours, theirs)
+    return name
+
+
+def test_spectral_norm_matches_torchdeq_over_two_steps():
+    """reset_norm advances the power iteration in both libraries: same weights, same gradients."""
+    torchdeq = pytest.importorskip("torchdeq")
+    names = {"parametrizations.weight.original0": "weight_orig", "parametrizations.weight.original1": "weight_g"}
+    grads, outs = {}, {}
+    for lib in (torchdeq, compat):
+        model, x, z0, y = _build("conv")
+        torch.manual_seed(11)
+        lib.apply_norm(model, "spectral_norm", args=dict(sn_n_power_iters=2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        deq = lib.get_deq(f_solver="anderson", f_max_iter=6, grad=2)
+        for _ in range(2):
+            lib.reset_norm(model)
+            opt.zero_grad()
+            z_out, _ = deq(lambda z: model(z, x), z0)
+            lib.fp_correction(nn.MSELoss(), (z_out, y)).backward()
+            opt.step()
+        outs[lib] = z_out[-1].detach()
+        grads[lib] = {_rename(n, names): p.grad.clone() for n, p in model.named_parameters()}
+    assert set(grads[compat]) == set(grads[torchdeq]) == {
+        "conv.weight_orig", "conv.weight_g", "conv.bias", "inj.weight_orig", "inj.weight_g", "inj.bias"}
+    assert _rel(outs[compat], outs[torchdeq]) <= RTOL
+    for key in grads[torchdeq]:
+        assert _rel(grads[compat][key], grads[torchdeq][key]) <= RTOL, key

@@ -10,7 +10,11 @@ What differs: the weight is recomputed on every access (torch.nn.utils.parametri
 is never stale after ``.to()``, a model deep-copies, and forgetting ``reset_norm`` cannot
 raise "backward through the graph a second time" (``reset_norm`` is kept as a no-op). The
 parameters are ``parametrizations.weight.original0`` (g) and ``...original1`` (v) rather than
-``weight_g``/``weight_v``. ``spectral_norm`` is not provided: use ``deqkit.nn.apply_norm``.
+``weight_g``/``weight_v``.
+
+``apply_norm(model, 'spectral_norm')`` is torchdeq's spectral norm (see ``spectral_norm``);
+its parameters are ``parametrizations.weight.original0`` (the weight) and ``...original1``
+(g), and ``reset_norm`` advances its power iteration, as in torchdeq.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..utils.config import DEQConfig
+from .spectral_norm import SpectralNorm
 
-__all__ = ["apply_norm", "reset_norm", "remove_norm", "register_norm", "register_norm_module", "WeightNorm"]
+__all__ = ["apply_norm", "reset_norm", "remove_norm", "register_norm", "register_norm_module", "WeightNorm", "SpectralNorm"]
 
 
 def _norm(p: torch.Tensor, dim) -> torch.Tensor:
@@ -88,13 +93,14 @@ class WeightNorm:
 
     def __call__(self, module: nn.Module) -> None:
         """Nothing to do: the parametrised weight is recomputed on access."""
+        return None
 
     def remove(self, module: nn.Module) -> None:
         for name in self.names:
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
-_norm_class: dict[str, Any] = {"weight_norm": WeightNorm}
+_norm_class: dict[str, Any] = {"weight_norm": WeightNorm, "spectral_norm": SpectralNorm}
 
 
 def register_norm(norm_type: str, norm_class) -> None:
@@ -133,9 +139,6 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_o
     norm_type = config.get("norm_type", norm_type)
     if norm_type == "none":
         return
-    if norm_type == "spectral_norm" and norm_type not in _norm_class:
-        raise NotImplementedError("spectral_norm is not provided by deqkit.compat.torchdeq; use "
-                                  "deqkit.nn.apply_norm(module, 'spectral')")
     if norm_type not in _norm_class:
         raise ValueError(f"unknown norm_type {norm_type!r}; registered: {sorted(_norm_class)}")
     norm = _norm_class[norm_type]
@@ -149,7 +152,8 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_o
 
 
 def reset_norm(model: nn.Module) -> None:
-    """torchdeq's per-iteration weight refresh; a no-op here (weights are always current)."""
+    """torchdeq's per-iteration reset: advances spectral norm's power iteration (training mode);
+    nothing else to do, since normalised weights are always current."""
     for module in model.modules():
         if hasattr(module, "_deq_norm"):
             module._deq_norm(module)
