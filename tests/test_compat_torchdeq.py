@@ -195,6 +195,11 @@ def test_solvers_called_directly_match():
             assert _rel(b[0], a[0]) <= 1e-12
             for key in a[2]:
                 assert torch.allclose(b[2][key].double(), a[2][key].double(), rtol=1e-10), (name, key)
+    for scale in (0.3, 2.0):  # Broyden's line search, taking shorter steps for the larger scale
+        g = lambda z: torch.tanh(scale * z @ W.T + x)  # noqa: E731
+        a = torchdeq_solver.get_solver("broyden")(g, torch.zeros(4, 6, dtype=F64), max_iter=10, tol=1e-9, ls=True)
+        b = compat.get_solver("broyden")(g, torch.zeros(4, 6, dtype=F64), max_iter=10, tol=1e-9, ls=True)
+        assert _rel(b[0], a[0]) <= 1e-12
 
 
 def test_add_deq_args_same_options_and_defaults():

@@ -151,18 +151,62 @@ def _vec_inv_jac(us: Tensor, vts: Tensor, x: Tensor) -> Tensor:
     return -x + torch.einsum("bl,bld->bd", torch.einsum("bd,bdl->bl", x, us), vts)
 
 
+def _armijo_step(g: Callable, x0: Tensor, g0: Tensor, update: Tensor) -> tuple[Tensor, Tensor]:
+    """``x0 + s * update`` with ``s`` from a backtracking Armijo search on ``phi(s) = ||g||^2``
+    (the whole batch at once; cubic interpolation; ``s = 1`` when it finds nothing above 0.01)."""
+    last = {"s": 0.0, "g": g0, "phi": g0.norm() ** 2}
+
+    def phi(s):
+        if s == last["s"]:
+            return last["phi"]
+        g_s = g(x0 + s * update)
+        value = g_s.norm() ** 2 if bool(torch.isfinite(g_s).all()) else float("inf")
+        last.update(s=s, g=g_s, phi=value)
+        return value
+
+    phi0 = last["phi"]
+    slope = -phi0  # derivative of phi at 0 along a Newton-like direction
+    s = _armijo(phi, phi0, slope, c1=1e-4, amin=1e-2)
+    s = 1.0 if s is None else s
+    if s == last["s"]:
+        return x0 + s * update, last["g"]
+    x = x0 + s * update
+    return x, g(x)
+
+
+def _armijo(phi: Callable, phi0, slope, c1: float, amin: float):
+    """The step of a backtracking search meeting ``phi(s) <= phi0 + c1 s slope``, or None."""
+    a0 = 1
+    phi_a0 = phi(a0)
+    if phi_a0 <= phi0 + c1 * a0 * slope:
+        return a0
+    a1 = -slope * a0 ** 2 / 2.0 / (phi_a0 - phi0 - slope * a0)  # quadratic model's minimum
+    phi_a1 = phi(a1)
+    while a1 > amin:
+        # minimum of the cubic through phi0, slope, phi(a0), phi(a1)
+        denom = a0 ** 2 * a1 ** 2 * (a1 - a0)
+        r0, r1 = phi_a0 - phi0 - slope * a0, phi_a1 - phi0 - slope * a1
+        a = (a0 ** 2 * r1 - a1 ** 2 * r0) / denom
+        b = (-a0 ** 3 * r1 + a1 ** 3 * r0) / denom
+        a2 = (-b + torch.sqrt(torch.abs(b ** 2 - 3 * a * slope))) / (3.0 * a)
+        phi_a2 = phi(a2)
+        if phi_a2 <= phi0 + c1 * a2 * slope:
+            return a2
+        if (a1 - a2) > a1 / 2.0 or (1 - a2 / a1) < 0.96:
+            a2 = a1 / 2.0
+        a0, a1, phi_a0, phi_a1 = a1, a2, phi_a1, phi_a2
+    return None
+
+
 def broyden_solver(func: Callable, x0: Tensor, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "abs",
                    indexing=None, LBFGS_thres=None, ls: bool = False, return_final: bool = False):
     """Broyden's ("good") method on ``g(x) = f(x) - x`` with a low-rank inverse Jacobian.
 
     Returns each sample's lowest-residual estimate ``x`` (not its image). ``LBFGS_thres`` caps
-    the rank (default ``max_iter``). The line search of torchdeq (``ls=True``) is not
-    available here and is refused.
+    the rank (default ``max_iter``). ``ls=True`` scales each step by an Armijo line search on
+    the whole batch's ``||g||^2`` (extra calls of func).
     """
     _check(max_iter, stop_mode)
-    if ls:
-        raise NotImplementedError("broyden with ls=True (line search) is not available in deqkit.compat.torchdeq; "
-                                  "use ls=False, or deqkit.Broyden")
     x_est = flat(x0)
     batch, dim = x_est.shape
 
@@ -178,8 +222,11 @@ def broyden_solver(func: Callable, x0: Tensor, max_iter: int = 50, tol: float = 
     best, states = x0, []
     nstep = 0
     while nstep < max_iter:
-        x_new = x_est + update
-        g_new = g(x_new)
+        if ls:
+            x_new, g_new = _armijo_step(g, x_est, gx, update)
+        else:
+            x_new = x_est + update
+            g_new = g(x_new)
         delta_x, delta_g = x_new - x_est, g_new - gx
         x_est, gx = x_new, g_new
         nstep += 1
