@@ -451,3 +451,31 @@ def test_spectral_norm_matches_torchdeq_over_two_steps():
     assert _rel(outs[compat], outs[torchdeq]) <= RTOL
     for key in grads[torchdeq]:
         assert _rel(grads[compat][key], grads[torchdeq][key]) <= RTOL, key
+
+
+def test_get_deq_from_an_add_deq_args_namespace_matches():
+    torchdeq = pytest.importorskip("torchdeq")
+    argv = ["--f_solver", "anderson", "--f_max_iter", "9", "--grad", "2", "--tau", "0.8", "--n_states", "3",
+            "--core", "indexing", "--f_tol", "1e-12"]  # no early stop: torchdeq would drop states
+    runs = []
+    for lib in (torchdeq, compat):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--lr", type=float, default=1e-3)  # a training script's own option
+        lib.add_deq_args(parser)
+        args = parser.parse_args(argv)
+        model, x, z0, y = _build("mlp")
+        z_out, info = lib.get_deq(args)(lambda z: model(z, x), z0)
+        lib.fp_correction(nn.MSELoss(), (z_out, y), gamma=args.gamma).backward()
+        runs.append(([z.detach() for z in z_out], [p.grad for p in model.parameters()]))
+    assert len(runs[0][0]) == len(runs[1][0]) == 3
+    for u, v in zip(runs[1][0] + runs[1][1], runs[0][0] + runs[0][1]):
+        assert _rel(u, v) <= RTOL
+
+
+def test_torchdeq_drops_states_on_early_stop_and_compat_does_not():
+    """The defect itself: same flags, early convergence; torchdeq loses the last (IFT) functor."""
+    torchdeq = pytest.importorskip("torchdeq")
+    flags = dict(core="indexing", f_solver="anderson", f_max_iter=9, n_states=3, ift=True)
+    theirs = _run(torchdeq, "mlp", flags, True)
+    ours = _run(compat, "mlp", flags, True)
+    assert len(theirs["states"]) < 3 and len(ours["states"]) == 3
