@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand name -> (module inside this package, one-line help)
@@ -35,9 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what bad input, a busy folder or a diverged run raise: reported as one line, not a traceback
+# (set DEQKIT_TRACEBACK=1 to see the traceback)
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, ImportError, RuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._module.main(args) or 0)
+    try:
+        return int(args._module.main(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("DEQKIT_TRACEBACK"):
+            raise
+        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -418,18 +418,22 @@ class _EDMNetAdapter(nn.Module):
         return self.net(x.float(), sigma.float(), class_labels).to(x.dtype)
 
 
-def load_edm_pickle(path: str | os.PathLike) -> nn.Module:
+def load_edm_pickle(path: str | os.PathLike, *, trust: bool = False) -> nn.Module:
     """Load one of EDM's released network pickles (e.g. edm-cifar10-32x32-cond-vp.pkl) as D(x, sigma, labels).
 
     EDM pickles hold Python objects of EDM's own code, so unpickling needs that code: clone
     https://github.com/NVlabs/edm and put its root on PYTHONPATH (it provides ``torch_utils``
     and ``dnnlib``), e.g. ``PYTHONPATH=/path/to/edm python -m examples.get_distillation pairs
     --teacher edm-cifar10-32x32-cond-vp.pkl ...``. Unpickling runs code: load only files you
-    trust. Returns the EMA network in eval mode, taking integer labels.
+    trust, and say so with ``trust=True`` (``--trust-pickle`` on the command line); without it
+    this raises before reading the file. Returns the EMA network in eval mode, taking integer labels.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EDM pickle not found: expected a file at {str(path)!r}")
+    if not trust:
+        raise ValueError(f"{str(path)!r} is a pickle: loading it executes code stored in the file. Pass "
+                         "trust=True (--trust-pickle) only for files from a source you trust")
     try:
         import dnnlib  # noqa: F401
         import torch_utils  # noqa: F401

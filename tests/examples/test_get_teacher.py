@@ -126,7 +126,7 @@ def test_epsilon_vp_adapter_follows_the_vp_conversion():
 
 def test_edm_pickle_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="EDM pickle not found"):
-        T.load_edm_pickle(tmp_path / "edm.pkl")
+        T.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
     (tmp_path / "edm.pkl").write_bytes(b"not really")
     with pytest.raises(ImportError, match="PYTHONPATH"):
-        T.load_edm_pickle(tmp_path / "edm.pkl")
+        T.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
