@@ -221,6 +221,27 @@ class TeacherConfig:
     sample_steps: int = 18
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        for name in ("image_size", "steps", "batch", "ckpt_every", "sample_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup", "sample_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
+            raise ValueError(f"sigma_data must be a finite number > 0, got {self.sigma_data!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.data not in data.DATASETS:
+            raise ValueError(f"data must be one of {data.DATASETS}, got {self.data!r}")
+        common.check_device(self.device)
+
 
 def build_denoiser(config: TeacherConfig, in_channels: int, num_classes: int | None) -> EDMDenoiser:
     backbone = build_backbone(config.preset, in_channels, num_classes if config.cond else None)
@@ -234,7 +255,7 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", em
     The info dict has ``config``, ``in_channels``, ``image_size``, ``num_classes``, ``step``.
     """
     state = common.load_checkpoint(path, map_location="cpu")
-    missing = [k for k in ("config", "model", "ema", "in_channels", "num_classes") if k not in state]
+    missing = [k for k in ("config", "model", "ema", "in_channels", "num_classes", "image_size") if k not in state]
     if missing:
         raise ValueError(f"{path}: not a teacher checkpoint (missing {missing})")
     config = common.config_from_dict(TeacherConfig, state["config"])
@@ -268,8 +289,22 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
     state and the config; written atomically every ``ckpt_every`` steps and at the end) and
     ``samples/step_XXXXXXX.png``. If a checkpoint exists the run resumes from it and ends
     exactly where an uninterrupted run would (training randomness comes from one generator
-    whose state is checkpointed).
+    whose state is checkpointed). A non-finite loss raises :class:`TrainingDiverged` before
+    anything is saved; another live process writing ``config.out`` raises ``common.FolderLocked``.
     """
+    with common.folder_lock(config.out):
+        return _train(config, progress)
+
+
+# a resumed run may change these: where it is, how long it runs, how often it reports, the device
+FREE_ON_RESUME = ("out", "steps", "ckpt_every", "sample_every", "device")
+
+
+class TrainingDiverged(RuntimeError):
+    """The teacher's loss became non-finite; nothing was saved past the last finite state."""
+
+
+def _train(config: TeacherConfig, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -290,8 +325,7 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
         state = common.load_checkpoint(ckpt_path)
         saved = common.config_from_dict(TeacherConfig, state["config"])
         changed = [f.name for f in dataclasses.fields(TeacherConfig)
-                   if f.name not in ("steps", "ckpt_every", "sample_every", "device")
-                   and getattr(saved, f.name) != getattr(config, f.name)]
+                   if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(config, f.name)]
         if changed:
             raise ValueError(f"{ckpt_path} was made with a different config ({changed} differ); "
                              "use another --out or the same settings")
@@ -320,6 +354,9 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         loss = edm_loss(denoiser, x, y, generator=generator)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"step {step + 1}: the loss is {loss.item()}; stopped without saving "
+                                   f"({ckpt_path} keeps the last finite state). Lower --lr (now {config.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -479,11 +516,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TeacherConfig:
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    config = TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    for name in ("steps", "batch", "ckpt_every"):
-        if getattr(config, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    return config
+    return TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -494,5 +527,9 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.seed_everything(config.seed)
-    train(config)
+    try:
+        train(config)
+    except TrainingDiverged as exc:
+        print(f"error: teacher: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -130,3 +130,55 @@ def test_edm_pickle_errors_are_clear(tmp_path):
     (tmp_path / "edm.pkl").write_bytes(b"not really")
     with pytest.raises(ImportError, match="PYTHONPATH"):
         T.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
+
+
+# -- issue 13: validation up front, locks, non-checkpoint files, moved folders, non-finite loss --
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ema-decay", "-3"], "ema_decay must be in [0, 1), got -3.0"),
+    (["--sample-steps", "0"], "sample_steps must be an integer >= 1, got 0"),
+    (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu:0"], "--device"),
+])
+def test_bad_teacher_settings_fail_before_training_with_a_named_error(tmp_path, capsys, argv, message):
+    assert cli.main(["teacher", "--out", str(tmp_path / "t"), "--steps", "1", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "t" / "checkpoint.pt").exists()
+
+
+def test_a_file_that_is_not_a_teacher_checkpoint_is_named(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt' is not a torch checkpoint"):
+        T.load_teacher(tmp_path / "notes.txt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a teacher checkpoint"):
+        T.load_teacher(tmp_path / "other.pt")
+    assert cli.main(["pairs", "--teacher", str(tmp_path / "other.pt"), "--out", str(tmp_path / "p")]) == 1
+    assert "not a teacher checkpoint" in capsys.readouterr().err
+
+
+def test_a_moved_teacher_run_resumes(tmp_path):
+    import shutil
+
+    T.train(_config(tmp_path / "a", steps=2), progress=False)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert T.train(_config(tmp_path / "b", steps=3), progress=False)["step"] == 3
+
+
+def test_a_teacher_run_folder_is_locked_and_a_nan_loss_stops_it(tmp_path, monkeypatch):
+    from examples.get_distillation import common
+
+    lock = common.acquire_lock(tmp_path / "t")
+    assert lock is not None
+    (tmp_path / "t" / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # another host's run
+    with pytest.raises(common.FolderLocked, match="process 1 on 'elsewhere'"):
+        T.train(_config(tmp_path / "t", steps=1), progress=False)
+    (tmp_path / "t" / ".lock").unlink()
+    T.train(_config(tmp_path / "t", steps=1, ckpt_every=1), progress=False)
+    before = (tmp_path / "t" / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(T, "edm_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(T.TrainingDiverged, match="step 2: the loss is nan"):
+        T.train(_config(tmp_path / "t", steps=3, ckpt_every=1), progress=False)
+    assert (tmp_path / "t" / "checkpoint.pt").read_bytes() == before
