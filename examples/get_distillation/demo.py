@@ -112,10 +112,10 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
                                out=str(out), num_samples=config.eval_samples, heun_steps=config.heun_steps,
                                nfe_max=config.nfe_max, sweep_samples=config.sweep_samples, cache=cache,
                                seed=config.seed)
-    report = evaluate.evaluate(ecfg, progress=progress)
+    report = evaluate.evaluate(ecfg)
     timings["evaluation"] = time.perf_counter() - t
     report["stage_seconds"] = timings
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
     return report
 
 
@@ -212,13 +212,14 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
-                        help="demo folder (rerun to reuse finished stages); default runs/demo, or runs/demo-quick "
-                             "with --quick, so the two never share cached stages")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in under a minute")
+                        help="demo folder (rerun to reuse finished stages) (default: runs/demo, or runs/demo-quick "
+                             "with --quick, so the two never share cached stages)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: the whole pipeline in under a minute (default: off, the full demo)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--sequential", action="store_true",
-                        help="train the two students one after the other instead of side by side")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+                        help="train the two students one after the other instead of side by side (default: off)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (default: off)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -41,12 +41,12 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from . import common, sampling
+from . import cli, common, sampling
 
 FORMAT = "deqkit-get-pairs/1"
 ARRAYS = ("noise", "target", "labels")
@@ -373,18 +373,22 @@ class PairDataset(torch.utils.data.Dataset):
 
 @dataclasses.dataclass
 class PairsConfig:
-    teacher: str = ""
-    out: str = "runs/pairs"
-    num: int = 10000
-    shard_size: int = 1000
-    batch: int = 250
-    seed_offset: int = 0
-    steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    device: str | None = None
-    trust_pickle: bool = False
+    """A pair generation run; each field is one command-line option (``cli.add_config_arguments``)."""
+
+    teacher: str = cli.option(help="teacher checkpoint (.pt from the teacher command, or an EDM .pkl with --trust-pickle)")
+    out: str = cli.option("runs/pairs", help="pair folder (reruns resume; a larger --num-pairs grows it)")
+    num: int = cli.option(10000, help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num "
+                          "for its --numa-binding)", flag="--num-pairs", aliases=("--num",))
+    shard_size: int = cli.option(1000, help="pairs per shard file (ranks take whole shards)")
+    batch: int = cli.option(250, help="pairs per teacher batch (the target is bitwise reproducible for one batch size)")
+    seed_offset: int = cli.option(0, help="pair i uses seed offset + i (held-out pairs need a range of their own)")
+    steps: int = cli.option(18, help="Heun steps (NFE = 2 steps - 1)")
+    sigma_min: float = cli.option(0.002, help="smallest noise level of the Karras schedule")
+    sigma_max: float = cli.option(80.0, help="largest noise level of the Karras schedule")
+    rho: float = cli.option(7.0, help="Karras schedule exponent")
+    device: Optional[str] = cli.option(None, help="torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
+    trust_pickle: bool = cli.option(False, help="allow a pickled teacher (EDM .pkl): loading a pickle EXECUTES code "
+                                    "stored in the file; use only for files from a source you trust")
 
     def __post_init__(self) -> None:
         for name in ("num", "shard_size", "batch", "steps"):
@@ -419,39 +423,21 @@ def load_any_teacher(path: str, device: torch.device, *, trust_pickle: bool = Fa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = PairsConfig()
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint (.pt from the teacher command, or EDM .pkl)")
-    parser.add_argument("--out", default=d.out, help="pair folder (reruns resume)")
-    parser.add_argument("--num-pairs", "--num", dest="num", type=int, default=d.num,
-                        help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num for its --numa-binding)")
-    parser.add_argument("--shard-size", type=int, default=d.shard_size)
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--seed-offset", type=int, default=d.seed_offset, help="pair i uses seed offset + i")
-    parser.add_argument("--steps", type=int, default=d.steps, help="Heun steps (NFE = 2 steps - 1)")
-    parser.add_argument("--sigma-min", type=float, default=d.sigma_min)
-    parser.add_argument("--sigma-max", type=float, default=d.sigma_max)
-    parser.add_argument("--rho", type=float, default=d.rho)
-    parser.add_argument("--device", default=d.device, help="default: cuda:LOCAL_RANK if available, else cpu")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickled teacher (EDM .pkl): loading a pickle EXECUTES code stored in the file")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, PairsConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = PairsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PairsConfig)})
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return cli.run(PairsConfig, args, run)
+
+
+def run(config: PairsConfig) -> int:
+    """Generate the pairs of ``config`` (under torchrun: this rank's shards)."""
     if not Path(config.teacher).is_file():
         raise ValueError(f"--teacher: no file at {config.teacher!r}")
     common.check_device(config.device)
     dist = common.init_distributed(config.device)
     try:
-        denoiser, shape, num_classes, _ = load_any_teacher(config.teacher, dist.device,
-                                                                 trust_pickle=config.trust_pickle)
+        denoiser, shape, num_classes, _ = load_any_teacher(config.teacher, dist.device, trust_pickle=config.trust_pickle)
         with common.folder_lock(config.out, dist.rank, dist.world_size):
             if dist.is_main:
                 common.save_config(Path(config.out) / "pairs_config.json", config)

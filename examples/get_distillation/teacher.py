@@ -21,13 +21,13 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, data, sampling
+from . import cli, common, data, sampling
 
 # ----------------------------------------------------------------------------- backbone
 
@@ -203,23 +203,25 @@ update_ema = common.update_ema  # kept under this name for callers of the teache
 
 @dataclasses.dataclass
 class TeacherConfig:
-    out: str = "runs/teacher"
-    data: str = "digits"
-    data_root: str | None = None
-    image_size: int = 32
-    preset: str = "digits"
-    cond: bool = True
-    steps: int = 2000
-    batch: int = 128
-    lr: float = 2e-3
-    warmup: int = 100
-    ema_decay: float = 0.999
-    sigma_data: float = 0.5
-    seed: int = 0
-    ckpt_every: int = 500
-    sample_every: int = 500
-    sample_steps: int = 18
-    device: str = "cpu"
+    """A teacher training run; each field is one command-line option (``cli.add_config_arguments``)."""
+
+    out: str = cli.option("runs/teacher", help="run folder (resumes from its checkpoint.pt if present)")
+    data: str = cli.option("digits", help="training images", choices=data.DATASETS)
+    data_root: Optional[str] = cli.option(None, help="folder for cifar10 / folder data")
+    image_size: int = cli.option(32, help="resize for --data folder")
+    preset: str = cli.option("digits", help="backbone size", choices=lambda: sorted(PRESETS))
+    cond: bool = cli.option(True, help="class-conditional (--no-cond or --uncond: unconditional)")
+    steps: int = cli.option(2000, help="optimizer steps")
+    batch: int = cli.option(128, help="batch size")
+    lr: float = cli.option(2e-3, help="Adam learning rate after warm-up")
+    warmup: int = cli.option(100, help="linear lr warm-up steps")
+    ema_decay: float = cli.option(0.999, help="EMA decay (ramped up over the first steps)")
+    sigma_data: float = cli.option(0.5, help="EDM's sigma_data")
+    seed: int = cli.option(0, help="seed of the weights and of the training randomness")
+    ckpt_every: int = cli.option(500, help="steps between checkpoints")
+    sample_every: int = cli.option(500, help="steps between sample grids (0: none)")
+    sample_steps: int = cli.option(18, help="Heun steps for the sample grids")
+    device: str = cli.option("cpu", help="torch device")
 
     def __post_init__(self) -> None:
         for name in ("image_size", "steps", "batch", "ckpt_every", "sample_steps"):
@@ -240,7 +242,6 @@ class TeacherConfig:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.data not in data.DATASETS:
             raise ValueError(f"data must be one of {data.DATASETS}, got {self.data!r}")
-        common.check_device(self.device)
 
 
 def build_denoiser(config: TeacherConfig, in_channels: int, num_classes: int | None) -> EDMDenoiser:
@@ -292,6 +293,7 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
     whose state is checkpointed). A non-finite loss raises :class:`TrainingDiverged` before
     anything is saved; another live process writing ``config.out`` raises ``common.FolderLocked``.
     """
+    common.check_device(config.device)
     with common.folder_lock(config.out):
         return _train(config, progress)
 
@@ -491,41 +493,11 @@ def load_edm_pickle(path: str | os.PathLike, *, trust: bool = False) -> nn.Modul
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TeacherConfig()
-    parser.add_argument("--out", default=d.out, help="run folder (resumes from its checkpoint.pt if present)")
-    parser.add_argument("--data", default=d.data, choices=data.DATASETS)
-    parser.add_argument("--data-root", default=d.data_root, help="folder for cifar10 / folder data")
-    parser.add_argument("--image-size", type=int, default=d.image_size, help="resize for --data folder")
-    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
-    parser.add_argument("--cond", action=argparse.BooleanOptionalAction, default=d.cond,
-                        help="class-conditional (--no-cond / --uncond for unconditional)")
-    parser.add_argument("--uncond", dest="cond", action="store_false", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    parser.add_argument("--sample-every", type=int, default=d.sample_every, help="0 disables sample grids")
-    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Heun steps for grids")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (not part of the config)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, TeacherConfig)
+    parser.add_argument("--uncond", dest="cond", action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def config_from_args(args: argparse.Namespace) -> TeacherConfig:
-    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    return TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields})
-
-
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _run(config: TeacherConfig) -> int:
     common.seed_everything(config.seed)
     try:
         train(config)
@@ -533,3 +505,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: teacher: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return cli.run(TeacherConfig, args, _run)

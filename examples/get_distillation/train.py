@@ -41,14 +41,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 import deqkit
 
-from . import common, models
+from . import cli, common, models
 from .pairs import PairDataset
 
 CHECKPOINT_FORMAT = "deqkit-get-student/2"
@@ -57,44 +57,66 @@ LOSSES = ("l1", "l2")
 LR_SCHEDULES = ("constant", "cosine")
 
 
+# name -> constructor of the backward mode (the command line's choices; solvers come from
+# deqkit's registry, deqkit.solvers.get(name, **solver_args))
+BACKWARDS: dict[str, Callable[["TrainConfig"], deqkit.AbstractBackward]] = {
+    "unrolled": lambda c: deqkit.Unrolled(),
+    "unrolled-checkpoint": lambda c: deqkit.Unrolled(checkpoint=True),
+    "phantom": lambda c: deqkit.Phantom(steps=c.phantom_steps, tau=c.phantom_tau),
+    "implicit": lambda c: deqkit.Implicit(),
+    "onestep": lambda c: deqkit.OneStep(),
+}
+LOSSES = ("l1", "l2")
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a training run depends on; saved as config.json and in every checkpoint."""
+    """Everything a training run depends on; saved as config.json and in every checkpoint.
+    Each field is one command-line option (``cli.add_config_arguments``)."""
 
-    pairs: str
-    out: str
-    num_pairs: Optional[int] = None    # train on the first N pairs only (default: all)
-    model: str = "GET-T/2"
-    solver: str = "fixed_point"        # a deqkit.solvers registry name
-    solver_args: dict = dataclasses.field(default_factory=dict)
-    backward: str = "unrolled"         # one of BACKWARDS
-    phantom_steps: int = 6
-    phantom_tau: float = 1.0
-    max_steps: int = 6                 # calls of f per forward (GET: 6)
-    z0: str = "randn"                  # GET's start: a fresh Gaussian draw; or "zeros"
-    gamma: float = 0.8                 # fixed-point correction weight (1: all iterates equal)
-    loss: str = "l1"
-    lr: float = 1e-4
-    lr_schedule: str = "constant"      # or "cosine": decay to lr_min over `steps`
-    lr_min: float = 0.0
-    warmup: int = 0                    # linear lr warm-up steps
-    weight_decay: float = 0.0          # AdamW's decoupled weight decay (paper: 0)
-    grad_clip: Optional[float] = None  # clip the global gradient norm (paper: none)
-    batch: int = 128                   # global batch (split across ranks)
-    steps: int = 800_000
-    ema_decay: float = 0.9999
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 1000
-    ckpt_every: int = 1000
-    device: Optional[str] = None       # default: cuda if available, else cpu
+    pairs: str = cli.option(help="pair folder (from the pairs subcommand)")
+    out: str = cli.option(help="run folder (rerun to resume)")
+    num_pairs: Optional[int] = cli.option(None, help="train on the first N pairs only, e.g. for a data-scaling study",
+                                          default_text="all pairs")
+    model: str = cli.option("GET-T/2", help="student preset", choices=lambda: list(models.PRESETS))
+    solver: str = cli.option("fixed_point", help="fixed-point solver (deqkit registry name)",
+                             choices=lambda: deqkit.solvers.available())
+    solver_args: dict = cli.option(help="solver hyperparameter, repeatable, e.g. --solver anderson --solver-arg m=5",
+                                   flag="--solver-arg", default_factory=dict)
+    backward: str = cli.option("unrolled", help="how to differentiate through the solve", choices=lambda: list(BACKWARDS))
+    phantom_steps: int = cli.option(6, help="phantom gradient steps (--backward phantom)")
+    phantom_tau: float = cli.option(1.0, help="phantom gradient damping (--backward phantom)")
+    max_steps: int = cli.option(6, help="calls of f per forward (GET: 6)")
+    z0: str = cli.option("randn", help="start of the equilibrium solve (GET: a fresh Gaussian draw)",
+                         choices=("randn", "zeros"))
+    gamma: float = cli.option(0.8, help="fixed-point correction weight (1: all iterates equal)")
+    loss: str = cli.option("l1", help="regression loss on every decoded iterate", choices=LOSSES)
+    lr: float = cli.option(1e-4, help="peak learning rate")
+    lr_schedule: str = cli.option("constant", help="after warm-up: constant (the paper) or cosine decay to --lr-min "
+                                  "at --steps", choices=LR_SCHEDULES)
+    lr_min: float = cli.option(0.0, help="final learning rate of the cosine schedule")
+    warmup: int = cli.option(0, help="linear lr warm-up steps")
+    weight_decay: float = cli.option(0.0, help="AdamW's decoupled weight decay (paper: 0)")
+    grad_clip: Optional[float] = cli.option(None, help="clip the global gradient norm (paper: none)",
+                                            default_text="no clipping")
+    batch: int = cli.option(128, help="global batch size (split across ranks)")
+    steps: int = cli.option(800_000, help="optimizer steps")
+    ema_decay: float = cli.option(0.9999, help="EMA decay of the weights that sample and evaluate")
+    seed: int = cli.option(0, help="seed of the initial weights, the data order and the random starts")
+    log_every: int = cli.option(50, help="steps between log.jsonl records")
+    sample_every: int = cli.option(1000, help="steps between sample grids")
+    ckpt_every: int = cli.option(1000, help="steps between checkpoints")
+    device: Optional[str] = cli.option(None, help="torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         for name in ("phantom_tau", "gamma", "lr", "lr_min", "weight_decay", "ema_decay", "grad_clip"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        common.check_device(self.device)
         if self.model not in models.PRESETS:
             raise ValueError(f"model must be one of {list(models.PRESETS)}, got {self.model!r}")
         if self.solver not in deqkit.solvers.available():
@@ -134,15 +156,7 @@ class TrainConfig:
 
 # -- pieces -----------------------------------------------------------------------------------
 def make_backward(config: TrainConfig) -> deqkit.AbstractBackward:
-    if config.backward == "unrolled":
-        return deqkit.Unrolled()
-    if config.backward == "unrolled-checkpoint":
-        return deqkit.Unrolled(checkpoint=True)
-    if config.backward == "phantom":
-        return deqkit.Phantom(steps=config.phantom_steps, tau=config.phantom_tau)
-    if config.backward == "implicit":
-        return deqkit.Implicit()
-    return deqkit.OneStep()
+    return BACKWARDS[config.backward](config)
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -233,6 +247,7 @@ def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] 
     """Run (or resume) training; returns a summary. ``stop_after`` ends early at that step
     (for tests that simulate a kill)."""
     config.validate()
+    common.check_device(config.device)
     dist = common.init_distributed(config.device)
     try:
         return _train(config, dist, progress, stop_after)
@@ -452,75 +467,10 @@ def student_shape(state: dict, path: str | Path) -> tuple[tuple[int, ...], Optio
 
 # -- command line -----------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig(pairs="", out="")
-    parser.add_argument("--pairs", required=True, help="pair folder (from the pairs subcommand)")
-    parser.add_argument("--out", required=True, help="run folder (rerun to resume)")
-    parser.add_argument("--num-pairs", type=int, default=None,
-                        help="train on the first N pairs only, e.g. for a data-scaling study (default: all)")
-    parser.add_argument("--model", default=d.model, choices=list(models.PRESETS))
-    parser.add_argument("--solver", default=d.solver, choices=deqkit.solvers.available())
-    parser.add_argument("--solver-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="solver hyperparameter, e.g. --solver anderson --solver-arg m=5")
-    parser.add_argument("--backward", default=d.backward, choices=BACKWARDS)
-    parser.add_argument("--phantom-steps", type=int, default=d.phantom_steps)
-    parser.add_argument("--phantom-tau", type=float, default=d.phantom_tau)
-    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="fixed-point iterations per forward")
-    parser.add_argument("--z0", default=d.z0, choices=("randn", "zeros"),
-                        help="start of the equilibrium solve (GET: a fresh Gaussian draw)")
-    parser.add_argument("--gamma", type=float, default=d.gamma, help="fixed-point correction weight")
-    parser.add_argument("--loss", default=d.loss, choices=LOSSES)
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
-                        help="after warm-up: constant (the paper) or cosine decay to --lr-min at --steps")
-    parser.add_argument("--lr-min", type=float, default=d.lr_min)
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm")
-    parser.add_argument("--batch", type=int, default=d.batch, help="global batch size")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--sample-every", type=int, default=d.sample_every)
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, TrainConfig)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    solver_args = {}
-    for item in args.solver_arg:
-        if "=" not in item:
-            raise SystemExit(f"--solver-arg expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        solver_args[key] = _parse_value(value)
-    return TrainConfig(
-        pairs=args.pairs, out=args.out, num_pairs=args.num_pairs, model=args.model, solver=args.solver, solver_args=solver_args,
-        backward=args.backward, phantom_steps=args.phantom_steps, phantom_tau=args.phantom_tau,
-        max_steps=args.max_steps, z0=args.z0, gamma=args.gamma, loss=args.loss, lr=args.lr,
-        lr_schedule=args.lr_schedule, lr_min=args.lr_min, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, batch=args.batch,
-        steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, log_every=args.log_every,
-        sample_every=args.sample_every, ckpt_every=args.ckpt_every, device=args.device,
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    config.validate()
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _run(config: TrainConfig) -> int:
     try:
         summary = train(config)
     except TrainingDiverged as exc:
@@ -531,3 +481,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoint in {summary['out']}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return cli.run(TrainConfig, args, _run)
