@@ -228,7 +228,8 @@ def release_lock(path: Path) -> None:
 
 class folder_lock:
     """``with folder_lock(out, rank, world_size):`` rank 0 locks ``out`` for the whole run;
-    under torchrun every rank learns whether it could, so all stop together if not."""
+    under torchrun every rank learns whether it could, so all stop together if not. Once
+    locked, the temporary files that killed runs left in ``out`` are removed."""
 
     def __init__(self, folder: str | os.PathLike, rank: int = 0, world_size: int = 1):
         self.folder, self.rank, self.world_size = Path(folder), rank, world_size
@@ -252,6 +253,9 @@ class folder_lock:
             if self.path is not None:
                 release_lock(self.path)
             raise error
+        if self.path is not None:  # no other writer now: temporaries of killed runs can go
+            for tmp in self.folder.glob(".tmp-*"):
+                tmp.unlink(missing_ok=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
