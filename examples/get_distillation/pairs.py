@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -408,13 +407,14 @@ def load_any_teacher(path: str, device: torch.device, *, trust_pickle: bool = Fa
     A file that is not a torch (zip) checkpoint is taken for a pickle, and a pickle runs code
     from the file when it loads: it is refused unless ``trust_pickle`` is set.
     """
+    from . import adapters
     from . import teacher as teacher_module
 
     if path.endswith(".pkl") or (Path(path).is_file() and not zipfile.is_zipfile(path)):
         if not trust_pickle:
             raise ValueError(f"--teacher {path!r} is a Python pickle (an EDM network?): loading it runs code "
                              "stored in the file. Pass --trust-pickle if you trust where it came from")
-        net = teacher_module.load_edm_pickle(path, trust=True).to(device)
+        net = adapters.load_edm_pickle(path, trust=True).to(device)
         res = int(getattr(net.net, "img_resolution", 32))
         return net, (int(getattr(net.net, "img_channels", 3)), res, res), net.num_classes, common.state_sha256(net)
     denoiser, info = teacher_module.load_teacher(path, device)

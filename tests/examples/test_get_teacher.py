@@ -1,4 +1,4 @@
-"""Teacher: EDM preconditioning, loss, exact resume, CLI, VP epsilon adapter, EDM pickle errors."""
+"""Teacher: EDM preconditioning (edm.py), loss, exact resume, CLI, adapters (VP epsilon, EDM pickles)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from examples.get_distillation import __main__ as cli
+from examples.get_distillation import adapters, edm
 from examples.get_distillation import teacher as T
 
 
@@ -22,7 +23,7 @@ class Recorder(nn.Module):
 
 
 def test_edm_preconditioning_coefficients():
-    D = T.EDMDenoiser(Recorder(), sigma_data=0.5)
+    D = edm.EDMDenoiser(Recorder(), sigma_data=0.5)
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.1, 7.0], dtype=torch.float64)
     out = D(x, sigma)
@@ -105,7 +106,7 @@ def test_epsilon_vp_adapter_follows_the_vp_conversion():
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     model = TinyEps()
-    D = T.EpsilonVPDenoiser(model, alphas_cumprod)
+    D = adapters.EpsilonVPDenoiser(model, alphas_cumprod)
     sig_t = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
     sigma = sig_t[[10, 500]].float()
     x = torch.randn(2, 1, 5, 5)
@@ -116,20 +117,20 @@ def test_epsilon_vp_adapter_follows_the_vp_conversion():
         eps = model(x / (1 + s**2).sqrt(), torch.tensor([10, 500])).sample
     torch.testing.assert_close(out, x - s * eps)
     # interpolation: a sigma between two table entries gets a fractional timestep
-    Di = T.EpsilonVPDenoiser(model, alphas_cumprod, interpolate=True)
+    Di = adapters.EpsilonVPDenoiser(model, alphas_cumprod, interpolate=True)
     mid = ((sig_t[100].log() + sig_t[101].log()) / 2).exp().float()
     Di(x[:1], mid.reshape(1))
     assert 100 < model.t.item() < 101
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        T.EpsilonVPDenoiser(model, torch.tensor([0.5, 0.9]))
+        adapters.EpsilonVPDenoiser(model, torch.tensor([0.5, 0.9]))
 
 
 def test_edm_pickle_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="EDM pickle not found"):
-        T.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
+        adapters.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
     (tmp_path / "edm.pkl").write_bytes(b"not really")
     with pytest.raises(ImportError, match="PYTHONPATH"):
-        T.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
+        adapters.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
 
 
 # -- issue 13: validation up front, locks, non-checkpoint files, moved folders, non-finite loss --
