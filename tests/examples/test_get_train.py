@@ -353,3 +353,17 @@ def test_a_run_folder_being_trained_is_locked(pair_dir, tmp_path):
         holder.wait()
         holder.stdout.close()
     assert train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)["step"] == 1  # stale now
+
+
+def test_a_checkpoint_written_before_provenance_still_resumes_and_loads(pair_dir, tmp_path):
+    config = _config(pair_dir, tmp_path / "run", steps=2, ckpt_every=1)
+    train.train(config, progress=False, stop_after=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = common.load_checkpoint(path)
+    for key in ("data", "student", "format"):  # as written before checkpoints described themselves
+        del state[key]
+    common.save_checkpoint(path, state)
+    model, _ = train.load_student(path)  # learns the image shape from the pair folder
+    assert model(torch.zeros(1, 1, 8, 8), torch.tensor([3])).images.shape == (1, 1, 8, 8)
+    assert train.train(config, progress=False)["step"] == 2
+    assert "data" in common.load_checkpoint(path)  # and now records its data
