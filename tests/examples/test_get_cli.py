@@ -8,6 +8,7 @@ import re
 from typing import Optional
 
 import pytest
+import torch
 
 from examples.get_distillation import cli, evaluate, pairs, teacher, train
 from examples.get_distillation.__main__ import SUBCOMMANDS, build_parser
@@ -129,3 +130,17 @@ def test_backward_modes_and_solvers_come_from_tables():
     assert set(train.BACKWARDS) == {"unrolled", "unrolled-checkpoint", "phantom", "implicit", "onestep"}
     with pytest.raises(ValueError, match="backward must be one of"):
         train.TrainConfig(pairs="p", out="o", backward="adjoint")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a build without CUDA")
+@pytest.mark.parametrize("sub", ["teacher", "pairs", "train", "evaluate"])
+def test_device_cuda_without_cuda_is_one_named_error(sub, tmp_path, capsys):
+    (tmp_path / "t.pt").write_bytes(b"")
+    argv = {"teacher": ["--out", str(tmp_path / "o")],
+            "pairs": ["--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o")],
+            "train": ["--pairs", str(tmp_path / "p"), "--out", str(tmp_path / "o")],
+            "evaluate": ["--run", "r", "--teacher", "t", "--heldout", "h", "--out", str(tmp_path / "o")]}[sub]
+    assert run_cli([sub, *argv, "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {sub}: --device 'cuda': this torch build or machine has no CUDA device" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
