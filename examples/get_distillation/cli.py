@@ -46,7 +46,7 @@ def option(default: Any = dataclasses.MISSING, *, help: str, choices: Any = None
     ``choices``: a sequence, or a callable returning one (evaluated when the parser is
     built, e.g. a registry's names); ``flag``: the option name when it is not
     ``--field-name``; ``aliases``: more names for it; ``default_text``: how ``--help`` shows
-    a default of None (e.g. "all pairs").
+    the default (e.g. "all pairs" for None).
     """
     metadata = {"help": help, "choices": choices, "flag": flag, "aliases": aliases, "default_text": default_text}
     if default_factory is not dataclasses.MISSING:
@@ -98,7 +98,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         text = meta.get("help", "")
         if default is dataclasses.MISSING:
             shown = "required, unless --config gives it"
-        elif default is None or default == {} or default == []:
+        elif meta.get("default_text") or default is None or default == {} or default == []:
             shown = f"default: {meta.get('default_text') or 'none'}"
         else:
             shown = f"default: {default}"
@@ -126,10 +126,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                         help="torch CPU threads for this process, not part of the config (default: torch's choice)")
 
 
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """The config of ``args``: the dataclass's defaults, then ``--config``'s values, then the
-    options given on the command line. Raises ValueError naming a bad or missing option."""
-    values: dict[str, Any] = {}
+def config_from_args(cls: type[C], args: argparse.Namespace, base: C | None = None) -> C:
+    """The config of ``args``: the dataclass's defaults (or ``base``'s values), then
+    ``--config``'s values, then the options given on the command line. Raises ValueError
+    naming a bad or missing option."""
+    values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
     if getattr(args, "config", None):
         saved = common.read_json(args.config, "config")
         if not isinstance(saved, dict):
@@ -159,9 +160,10 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**values)
 
 
-def run(cls: type[C], args: argparse.Namespace, body: Callable[[C], int]) -> int:
-    """Build the config, apply ``--threads``, honour ``--dry-run``, then ``body(config)``."""
-    config = config_from_args(cls, args)
+def run(cls: type[C], args: argparse.Namespace, body: Callable[[C], int], base: C | None = None) -> int:
+    """Build the config (see :func:`config_from_args`), apply ``--threads``, honour
+    ``--dry-run``, then ``body(config)``."""
+    config = config_from_args(cls, args, base)
     if args.dry_run:
         print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
         return 0

@@ -45,9 +45,7 @@ def test_every_option_of_every_subcommand_shows_its_default_once(sub, capsys):
             continue
         assert re.search(r"\((default: [^)]*|required, unless --config gives it)\)", text), (name, text)
         assert text.count("(default:") <= 1 and "(default: None)" not in text, (name, text)
-    if sub != "demo":
-        assert {"--config", "--dry-run", "--threads"} <= set(options)
-    assert "--dry-run" in options
+    assert {"--config", "--dry-run", "--threads"} <= set(options)
 
 
 def test_help_shows_the_values_users_look_for(capsys):
@@ -120,6 +118,15 @@ def test_every_config_field_is_an_option(module, cls):
     module.add_arguments(parser)
     dests = {a.dest for a in parser._actions}
     assert {f.name for f in dataclasses.fields(cls)} <= dests
+
+
+def test_the_demo_takes_every_size_as_an_option_on_top_of_quick(capsys):
+    assert run_cli(["demo", "--quick", "--student-steps", "20", "--sequential", "--dry-run"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["student_steps"] == 20 and config["teacher_steps"] == 30 and config["parallel_students"] is False
+    assert config["out"] == "runs/demo-quick"
+    assert run_cli(["demo", "--teacher-steps", "0", "--dry-run"]) == 1
+    assert "teacher_steps must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_backward_modes_and_solvers_come_from_tables():
