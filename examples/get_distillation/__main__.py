@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand name -> (module inside this package, one-line help)
@@ -28,16 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # every option writes its default into its help (cli.add_config_arguments does it for
+        # config fields), so no ArgumentDefaultsHelpFormatter: it would print a second one
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(_module=module)
     return parser
 
 
+# what bad input, a busy folder or a diverged run raise: reported as one line, not a traceback
+# (set DEQKIT_TRACEBACK=1 to see the traceback)
+USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, ImportError, RuntimeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._module.main(args) or 0)
+    try:
+        return int(args._module.main(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("DEQKIT_TRACEBACK"):
+            raise
+        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

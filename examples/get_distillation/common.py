@@ -12,8 +12,13 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
+import socket
+import sys
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,12 +30,23 @@ T = TypeVar("T")
 # ----------------------------------------------------------------------------- atomic files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (0666 less the
+    umask), not ``mkstemp``'s 0600, so group members can read runs on shared storage.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -77,11 +93,174 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs).
+
+    A file that is not a torch checkpoint (or holds anything but plain data) is a ValueError
+    naming the file, not a raw unpickling traceback.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: expected a file at {str(path)!r}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{str(path)!r} is not a torch checkpoint (torch.save writes a zip archive)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint of this example "
+                         f"(weights-only load failed: {str(exc).splitlines()[0]})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} is not a checkpoint of this example (it holds a {type(state).__name__})")
+    return state
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a corrupt one is a ValueError naming the file and the place."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is corrupt (not valid JSON: {exc}); "
+                         "restore it or regenerate the folder") from exc
+
+
+def state_sha256(module_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> str:
+    """The sha256 of a model's weights: names, dtypes, shapes and bytes of its state dict in
+    name order. Independent of the file they came from (optimizer state, step, ...)."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """The sha256 of ``obj``'s canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Raise ValueError naming ``option`` if ``device`` is not usable on this machine."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{option}: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {device!r}: this torch build or machine has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{option} {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+
+
+# ----------------------------------------------------------------------------- folder locks
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLocked(RuntimeError):
+    """Another live process is writing the folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def acquire_lock(folder: str | os.PathLike) -> Path | None:
+    """Create ``folder/.lock`` holding this process's pid and host, or raise FolderLocked;
+    returns its path, or None if this process holds it already (release only the outer one).
+
+    A lock left by a process that is gone (same host, pid not running: a kill -9, a crash)
+    is stale: it is replaced, with a note on stderr. A lock from another host cannot be
+    checked and counts as held.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv[:8]}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            pid, host = owner.get("pid"), owner.get("host")
+            if pid == me["pid"] and host == me["host"]:
+                return None  # this process holds it already (a nested lock)
+            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+                print(f"removing the stale lock {path} of process {pid}, which is gone", file=sys.stderr)
+                path.unlink(missing_ok=True)
+                continue
+            if not owner:  # being written this instant, or truncated by a crash: look again
+                time.sleep(0.05)
+                owner = json.loads(path.read_text() or "{}") if path.exists() else {}
+                if not owner:
+                    path.unlink(missing_ok=True)
+                    continue
+            raise FolderLocked(
+                f"{str(folder)!r} is being written by process {owner.get('pid')} on {owner.get('host')!r} "
+                f"({' '.join(owner.get('argv', []))}); wait for it to finish, use another folder, or delete "
+                f"{str(path)!r} if that process is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return path
+    raise FolderLocked(f"could not lock {str(folder)!r}: {str(path)!r} keeps reappearing")
+
+
+def release_lock(path: Path) -> None:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if owner.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+
+
+class folder_lock:
+    """``with folder_lock(out, rank, world_size):`` rank 0 locks ``out`` for the whole run;
+    under torchrun every rank learns whether it could, so all stop together if not. Once
+    locked, the temporary files that killed runs left in ``out`` are removed."""
+
+    def __init__(self, folder: str | os.PathLike, rank: int = 0, world_size: int = 1):
+        self.folder, self.rank, self.world_size = Path(folder), rank, world_size
+        self.path: Path | None = None
+
+    def __enter__(self) -> "folder_lock":
+        error: FolderLocked | None = None
+        if self.rank == 0:
+            try:
+                self.path = acquire_lock(self.folder)
+            except FolderLocked as exc:
+                error = exc
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([0.0 if error is None else 1.0])
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag)
+            if flag.item() and error is None:
+                error = FolderLocked(f"rank 0 could not lock {str(self.folder)!r} (see its message)")
+        if error is not None:
+            if self.path is not None:
+                release_lock(self.path)
+            raise error
+        if self.path is not None:  # no other writer now: temporaries of killed runs can go
+            for tmp in self.folder.glob(".tmp-*"):
+                tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.path is not None:
+            release_lock(self.path)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -108,8 +287,7 @@ def save_config(path: str | os.PathLike, config: Any) -> None:
 
 
 def load_config(cls: type[T], path: str | os.PathLike) -> T:
-    with open(path) as f:
-        return config_from_dict(cls, json.load(f))
+    return config_from_dict(cls, read_json(path, "config"))
 
 
 # ----------------------------------------------------------------------------- EMA

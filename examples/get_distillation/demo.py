@@ -2,6 +2,7 @@
 
     python -m examples.get_distillation demo --out runs/demo           # about 17 min on 2 CPU cores
     python -m examples.get_distillation demo --quick                   # under a minute, in runs/demo-quick
+    python -m examples.get_distillation demo --quick --student-steps 100   # any size is an option
 
 Every stage writes into OUT and is reused when the demo is rerun (the teacher and the
 students resume from their checkpoints, pair generation skips finished shards), so a killed
@@ -19,36 +20,45 @@ from pathlib import Path
 
 import torch
 
-from . import common, evaluate, pairs, teacher, train
+from . import cli, common, evaluate, models, pairs, teacher, train
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Sizes of every stage; ``quick()`` shrinks them for the tests."""
+    """Sizes of every stage; ``quick()`` shrinks them for the tests. Each field is one
+    command-line option (``cli.add_config_arguments``); ``--quick`` starts from ``quick()``."""
 
-    out: str
-    teacher_preset: str = "digits"
-    teacher_steps: int = 2000
-    teacher_batch: int = 128
-    num_pairs: int = 20000
-    num_heldout: int = 500
-    heun_steps: int = 18
-    student: str = "GET-Tiny/4"
-    baseline: str = "ViT-Tiny/4"
-    student_steps: int = 7500
-    student_batch: int = 64
-    student_lr: float = 2e-3           # peak: linear warm-up, then cosine decay to 0
-    student_warmup: int = 200
-    student_grad_clip: float = 1.0
-    parallel_students: bool = True     # train the GET and the ViT at the same time (two processes)
-    ema_decay: float = 0.999
-    eval_samples: int = 1000
-    sweep_samples: int = 500
-    nfe_max: int = 12
-    seed: int = 0
+    out: str = cli.option("runs/demo", help="demo folder (rerun to reuse finished stages)",
+                          default_text="runs/demo, or runs/demo-quick with --quick, so the two never share stages")
+    teacher_preset: str = cli.option("digits", help="teacher backbone size", choices=("tiny", "digits", "cifar-small"))
+    teacher_steps: int = cli.option(2000, help="teacher training steps")
+    teacher_batch: int = cli.option(128, help="teacher batch size")
+    num_pairs: int = cli.option(20000, help="training pairs")
+    num_heldout: int = cli.option(500, help="held-out pairs (seeds from 10,000,000)")
+    heun_steps: int = cli.option(18, help="the teacher's Heun steps (NFE = 2 steps - 1)")
+    student: str = cli.option("GET-Tiny/4", help="the student preset", choices=lambda: list(models.PRESETS))
+    baseline: str = cli.option("ViT-Tiny/4", help="the baseline preset", choices=lambda: list(models.PRESETS))
+    student_steps: int = cli.option(7500, help="student training steps")
+    student_batch: int = cli.option(64, help="student batch size")
+    student_lr: float = cli.option(2e-3, help="students' peak lr: linear warm-up, then cosine decay to 0")
+    student_warmup: int = cli.option(200, help="students' warm-up steps")
+    student_grad_clip: float = cli.option(1.0, help="students' gradient-norm clip")
+    parallel_students: bool = cli.option(True, help="train the GET and the ViT at the same time, in two processes "
+                                         "(--sequential: one after the other)")
+    ema_decay: float = cli.option(0.999, help="students' EMA decay")
+    eval_samples: int = cli.option(1000, help="samples per model for the quality metrics")
+    sweep_samples: int = cli.option(500, help="samples per point of the NFE sweep's FD")
+    nfe_max: int = cli.option(12, help="largest number of fixed-point iterations in the NFE sweep")
+    seed: int = cli.option(0, help="seed of every stage")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (not isinstance(value, int) or value < (0 if f.name == "seed" else 1)):
+                raise ValueError(f"{f.name} must be an integer >= {0 if f.name == 'seed' else 1}, got {value!r}")
 
     @classmethod
-    def quick(cls, out: str) -> "DemoConfig":
+    def quick(cls, out: str = "runs/demo-quick") -> "DemoConfig":
         return cls(out=out, teacher_preset="tiny", teacher_steps=30, teacher_batch=32, num_pairs=128,
                    num_heldout=32, heun_steps=4, student_steps=15, student_batch=16, student_warmup=3, eval_samples=300,
                    sweep_samples=300, nfe_max=3)
@@ -112,10 +122,10 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
                                out=str(out), num_samples=config.eval_samples, heun_steps=config.heun_steps,
                                nfe_max=config.nfe_max, sweep_samples=config.sweep_samples, cache=cache,
                                seed=config.seed)
-    report = evaluate.evaluate(ecfg, progress=progress)
+    report = evaluate.evaluate(ecfg)
     timings["evaluation"] = time.perf_counter() - t
     report["stage_seconds"] = timings
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
     return report
 
 
@@ -211,33 +221,24 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None,
-                        help="demo folder (rerun to reuse finished stages); default runs/demo, or runs/demo-quick "
-                             "with --quick, so the two never share cached stages")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in under a minute")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="train the two students one after the other instead of side by side")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, DemoConfig)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: the whole pipeline in under a minute; other options override them (default: off)")
+    parser.add_argument("--sequential", dest="parallel_students", action="store_false", default=argparse.SUPPRESS,
+                        help="train the two students one after the other, as --no-parallel-students does (default: off)")
 
 
 def main(args: argparse.Namespace) -> int:
-    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
-    config = DemoConfig.quick(out) if args.quick else DemoConfig(out=out)
-    if args.sequential:
-        config = dataclasses.replace(config, parallel_students=False)
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    base = DemoConfig.quick() if args.quick else DemoConfig()
+    return cli.run(DemoConfig, args, _run, base=base)
+
+
+def _run(config: DemoConfig) -> int:
     t0 = time.perf_counter()
     report = run(config)
     out = Path(config.out)
     print("\n== summary ==")
-    student = report["students"][0]
     tq = report["teacher"]["quality"]
-    q = student["quality"]
     print(f"teacher ({report['teacher_nfe']} NFE): FD-digits {tq.get('fd_digits', float('nan')):.2f}, "
           f"class accuracy {tq.get('class_accuracy', float('nan')):.3f}")
     for row in report["students"]:

@@ -1,15 +1,14 @@
 """Metrics that run at small scale without downloads, and standard FID where weights exist.
 
 - A small conv classifier trained on the real digits train split (cached), whose 64-d
-  penultimate features give "FD-digits" (:func:`frechet_distance`) and :func:`kid`, and whose
+  penultimate features give "FD-digits" (:func:`frechet_distance`), and whose
   predictions give the class accuracy of conditional samples.
 - :func:`mse` / :func:`psnr`: teacher-match error (images in [-1, 1], peak-to-peak 2).
 - :func:`fid_inception`: standard FID through torch-fidelity, given a local weights file.
 
 Frechet distances must be compared at equal N: the estimate is biased upward by a term that
 shrinks with the sample count. Report the real-vs-real floor at the same N
-(:func:`digits_report` does), keep the feature dimension (64) well below N, or use KID,
-which is unbiased.
+(:func:`digits_report` does) and keep the feature dimension (64) well below N.
 """
 
 from __future__ import annotations
@@ -120,27 +119,6 @@ def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | t
     return float(max(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean), 0.0))
 
 
-def kid(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor, num_subsets: int = 50,
-        subset_size: int = 200, seed: int = 0) -> float:
-    """Kernel inception distance: unbiased MMD^2 with kernel (x.y / D + 1)^3, averaged over subsets."""
-    a = np.asarray(feats_a, dtype=np.float64)
-    b = np.asarray(feats_b, dtype=np.float64)
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise ValueError("need at least 2 samples per set")
-    d = a.shape[1]
-    rng = np.random.RandomState(seed)
-    total = 0.0
-    for _ in range(num_subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        k_xx = (x @ x.T / d + 1) ** 3
-        k_yy = (y @ y.T / d + 1) ** 3
-        k_xy = (x @ y.T / d + 1) ** 3
-        total += ((k_xx.sum() - np.trace(k_xx)) + (k_yy.sum() - np.trace(k_yy))) / (m * (m - 1)) - 2 * k_xy.mean()
-    return float(total / num_subsets)
-
-
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean squared error between two image batches of the same shape."""
     if a.shape != b.shape:
@@ -156,7 +134,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> float:
 
 def digits_report(images: torch.Tensor, labels: torch.Tensor | None = None, *, cache_dir: str | os.PathLike = "runs/cache",
                   seed: int = 0, classifier_steps: int = 600) -> dict[str, float]:
-    """FD-digits, KID and class accuracy of generated digits, with the real-vs-real floor at the same N.
+    """FD-digits and class accuracy of generated digits, with the real-vs-real floor at the same N.
 
     The reference is the train split (1,437 images). The floor compares N real images with it:
     the held-out split when N <= 360 (disjoint, the honest floor), otherwise N images drawn

@@ -9,27 +9,43 @@ Layout of a pair folder::
     shard_00000.json                  the shard's record (seed range, sha256 of each file);
                                       written after its three arrays, so it marks completion
 
-Pair i uses seed ``seed_offset + i`` alone (its own torch.Generator draws e, then the label), so
-it is the same whichever process, batch or shard makes it. Every file is written to a temporary
-name and renamed. A rerun verifies finished shards (checksums) and skips them, and redoes a
-shard without a valid record, so a kill loses and duplicates nothing.
+Pair i uses seed ``seed_offset + i`` alone (its own torch.Generator draws e, then the label).
+What that guarantees:
+
+- the noise e and the label of pair i are bitwise the same whoever makes them;
+- the target is bitwise the same whenever pair i is computed in a batch of the same pairs
+  (the same ``batch`` and ``shard_size``, any number of ranks: ranks take whole shards), so a
+  resumed, a grown or a torchrun-made folder equals a fresh single-process one byte for byte;
+- with another batch size the target agrees to float rounding only (about 4e-7 here; CPU and
+  GPU kernels may block a batch differently): tests allow 1e-5.
+
+Every file is written to a temporary name and renamed. A rerun verifies finished shards
+(checksums and seed range) and skips them, and redoes a shard without a valid record or
+with other pairs than this run needs (the short last shard of a smaller run that is being
+grown), so a kill loses and duplicates nothing and growing a folder gives what a fresh run
+with the larger ``--num-pairs`` gives. A ``.lock`` file (the writer's pid) keeps two runs
+from writing one folder at once.
+
+The manifest records the teacher's identity (``teacher.id``: a hash of its weights and of
+the sampler settings) and the seed range, so that training and evaluation can tell pairs of
+different teachers apart and keep held-out seeds disjoint from training seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from . import common, sampling
+from . import cli, common, sampling
 
 FORMAT = "deqkit-get-pairs/1"
 ARRAYS = ("noise", "target", "labels")
@@ -60,11 +76,20 @@ def _shard_name(index: int, kind: str) -> str:
     return f"shard_{index:05d}.{kind}.npy" if kind in ARRAYS else f"shard_{index:05d}.json"
 
 
+def _file_name(record: dict, kind: str) -> str:
+    """A shard file's name from its record, confined to the folder (no paths, no dot files)."""
+    name = record["files"][kind]["name"]
+    if name != _shard_name(int(record["index"]), kind):
+        raise ValueError(f"shard {record['index']} names its {kind} file {name!r}; expected "
+                         f"{_shard_name(int(record['index']), kind)!r} (a record must not point outside its folder)")
+    return name
+
+
 def _verify_record(out_dir: Path, record: dict) -> str | None:
     """None if the shard's files exist and match their checksums, else a reason."""
     for kind in ARRAYS:
         entry = record["files"][kind]
-        path = out_dir / entry["name"]
+        path = out_dir / _file_name(record, kind)
         if not path.is_file():
             return f"{path.name} is missing"
         if common.sha256_file(path) != entry["sha256"]:
@@ -72,16 +97,24 @@ def _verify_record(out_dir: Path, record: dict) -> str | None:
     return None
 
 
-def _load_record(out_dir: Path, index: int, settings: dict) -> dict | None:
-    """A finished shard's record if valid for these settings; None if it must be (re)made."""
+def _load_record(out_dir: Path, index: int, settings: dict, seeds: list[int]) -> dict | None:
+    """A finished shard's record if valid for these settings and holding exactly the pairs of
+    ``seeds`` [first, stop); None if it must be (re)made."""
     path = out_dir / _shard_name(index, "json")
     if not path.is_file():
         return None
-    with open(path) as f:
-        record = json.load(f)
+    try:
+        record = common.read_json(path, "shard record")
+    except ValueError as exc:
+        print(f"redoing shard {index}: {exc}", file=sys.stderr)
+        return None
     if record.get("settings") != settings:
         raise ValueError(f"{path} was made with different settings than this run "
                          f"({record.get('settings')} vs {settings}); use another output folder")
+    if record.get("seeds") != seeds:
+        print(f"redoing shard {index}: it holds the pairs of seeds {record.get('seeds')}, this run needs {seeds}",
+              file=sys.stderr)
+        return None
     reason = _verify_record(out_dir, record)
     if reason is not None:
         print(f"redoing shard {index}: {reason}", file=sys.stderr)
@@ -89,17 +122,27 @@ def _load_record(out_dir: Path, index: int, settings: dict) -> dict | None:
     return record
 
 
+def teacher_identity(weights_sha256: str, sampler: dict) -> str:
+    """The identity of a teacher as a pair source: its weights and how it was sampled."""
+    return common.json_sha256({"weights_sha256": weights_sha256, "sampler": sampler})
+
+
 def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: int, shard_size: int, batch_size: int,
                    *, image_shape: tuple[int, ...], seed_offset: int = 0, num_classes: int | None = None,
                    num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                   teacher_hash: str = "", device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                   progress: bool = True, on_batch: Callable[[int, int], None] | None = None) -> dict | None:
+                   teacher_hash: str = "", device: torch.device | str = "cpu",
+                   rank: int = 0, world_size: int = 1, progress: bool = True,
+                   on_batch: Callable[[int, int], None] | None = None) -> dict | None:
     """Generate ``num_pairs`` pairs into ``out_dir``; returns the manifest (on rank 0, else None).
 
     Shard s holds pairs [s * shard_size, min((s + 1) * shard_size, num_pairs)); rank r makes
     the shards with s % world_size == r, in batches of ``batch_size``. After a barrier, rank 0
     checks every shard and writes ``manifest.json``. ``on_batch(shard, batch)`` is called after
-    each batch (a progress hook; tests use it to simulate a kill).
+    each batch (a progress hook; tests use it to simulate a kill). ``teacher_hash`` is the
+    sha256 of the teacher's file; the manifest also records that of its weights
+    (:func:`common.state_sha256`, when ``denoiser`` is a module) and ``teacher.id``, which
+    hashes the weights with the sampler settings. Raises ``common.FolderLocked`` if another run is
+    writing ``out_dir``.
     """
     for name, value in (("num_pairs", num_pairs), ("shard_size", shard_size), ("batch_size", batch_size),
                         ("num_steps", num_steps)):
@@ -109,8 +152,17 @@ def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: in
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     image_shape = tuple(int(s) for s in image_shape)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sigmas = sampling.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    teacher_weights = common.state_sha256(denoiser) if isinstance(denoiser, torch.nn.Module) else teacher_hash
+    with common.folder_lock(out_dir, rank, world_size):
+        return _generate(denoiser, out_dir, num_pairs, shard_size, batch_size, image_shape, seed_offset, num_classes,
+                         num_steps, sigma_min, sigma_max, rho, sigmas, teacher_hash, teacher_weights,
+                         device, rank, world_size, progress, on_batch)
+
+
+def _generate(denoiser, out_dir, num_pairs, shard_size, batch_size, image_shape, seed_offset, num_classes, num_steps,
+              sigma_min, sigma_max, rho, sigmas, teacher_hash, teacher_weights, device, rank, world_size, progress,
+              on_batch) -> dict | None:
     settings = {
         "teacher_sha256": teacher_hash, "seed_offset": seed_offset, "shard_size": shard_size,
         "image_shape": list(image_shape), "num_classes": num_classes,
@@ -118,8 +170,12 @@ def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: in
                     "sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "churn": 0, "clipped": False},
     }
     num_shards = -(-num_pairs // shard_size)
+
+    def seeds_of(s: int) -> list[int]:
+        return [seed_offset + s * shard_size, seed_offset + min((s + 1) * shard_size, num_pairs)]
+
     mine = [s for s in range(num_shards) if s % world_size == rank]
-    todo = [s for s in mine if _load_record(out_dir, s, settings) is None]
+    todo = [s for s in mine if _load_record(out_dir, s, settings, seeds_of(s)) is None]
     todo_pairs = sum(min(shard_size, num_pairs - s * shard_size) for s in todo)
     from tqdm.auto import tqdm
 
@@ -157,22 +213,25 @@ def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: in
     common.barrier(world_size)
     if rank != 0:
         return None
-    return _write_manifest(out_dir, num_pairs, num_shards, settings)
+    return _write_manifest(out_dir, num_pairs, num_shards, settings, teacher_weights, seeds_of)
 
 
-def _write_manifest(out_dir: Path, num_pairs: int, num_shards: int, settings: dict) -> dict:
+def _write_manifest(out_dir: Path, num_pairs: int, num_shards: int, settings: dict, teacher_weights: str,
+                    seeds_of: Callable[[int], list[int]]) -> dict:
     shards = []
     for s in range(num_shards):
         path = out_dir / _shard_name(s, "json")
         if not path.is_file():
             raise RuntimeError(f"shard {s} is missing ({path}); did another rank fail? rerun to finish it")
-        with open(path) as f:
-            record = json.load(f)
+        record = common.read_json(path, "shard record")
+        if record.get("seeds") != seeds_of(s) or record.get("settings") != settings:
+            raise RuntimeError(f"shard {s} ({path}) does not hold the pairs this run needs; rerun to redo it")
         shards.append({k: record[k] for k in ("index", "seeds", "count", "files")})
     image_shape = settings["image_shape"]
     manifest = {
         "format": FORMAT,
-        "teacher": {"sha256": settings["teacher_sha256"]},
+        "teacher": {"sha256": settings["teacher_sha256"], "weights_sha256": teacher_weights,
+                    "id": teacher_identity(teacher_weights, settings["sampler"])},
         "sampler": settings["sampler"],
         "num_pairs": num_pairs, "shard_size": settings["shard_size"], "num_shards": num_shards,
         "num_classes": settings["num_classes"],
@@ -207,10 +266,10 @@ class PairDataset(torch.utils.data.Dataset):
         path = self.root / "manifest.json"
         if not path.is_file():
             raise FileNotFoundError(f"no pair manifest at {str(path)!r} (generate pairs first, or the run is unfinished)")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        self.manifest = common.read_json(path, "pair manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
+            raise ValueError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
         if verify not in ("open", "none"):
             raise ValueError(f"verify must be 'open' or 'none', got {verify!r}")
         teacher = self.manifest["teacher"]["sha256"]
@@ -222,9 +281,59 @@ class PairDataset(torch.utils.data.Dataset):
         self.shard_size = int(self.manifest["shard_size"])
         self.num_classes = self.manifest["num_classes"]
         self._shards = self.manifest["shards"]
+        self._check_layout(path)
         self._maps: dict[int, dict[str, np.ndarray]] = {}
         if verify == "open":
             self.verify()
+
+    @property
+    def teacher(self) -> dict:
+        """The teacher's record: ``sha256`` (file), ``weights_sha256`` and ``id`` (weights and
+        sampler; folders written before identities were recorded have neither)."""
+        return self.manifest["teacher"]
+
+    @property
+    def seeds(self) -> tuple[int, int]:
+        """The seed range [first, stop) of the pairs in this folder."""
+        first, stop = self.manifest["seeds"]
+        return int(first), int(stop)
+
+    @property
+    def teacher_id(self) -> str:
+        """The teacher's identity (weights and sampler); for an older folder, its file hash
+        and sampler."""
+        teacher = self.teacher
+        return teacher.get("id") or teacher_identity(teacher["sha256"], self.manifest["sampler"])
+
+    def provenance(self, num_items: int | None = None) -> dict:
+        """What a student trained on the first ``num_items`` pairs (default: all) depends on:
+        the teacher's identity, the sampler, the seed range, the image shape and classes, and
+        a hash of the shard checksums that hold those pairs."""
+        n = len(self) if num_items is None else int(num_items)
+        first = self.seeds[0]
+        used = self._shards[: -(-n // self.shard_size)]
+        return {
+            "teacher_id": self.teacher_id, "teacher_sha256": self.teacher["sha256"],
+            "sampler": self.manifest["sampler"], "seeds": [first, first + n],
+            "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+            "data_sha256": common.json_sha256([[s["files"][k]["sha256"] for k in ARRAYS] for s in used] + [n]),
+        }
+
+    def _check_layout(self, path: Path) -> None:
+        """Shard s must hold pairs [s * shard_size, ...) and the counts must add up: a folder
+        grown by an older version could keep a short shard in the middle (a gap)."""
+        n, size = int(self.manifest["num_pairs"]), self.shard_size
+        first = int(self.manifest["seeds"][0])
+        if len(self._shards) != -(-n // size):
+            raise ValueError(f"{path}: {len(self._shards)} shards cannot hold {n} pairs of shard size {size}")
+        for s, shard in enumerate(self._shards):
+            want = [first + s * size, first + min((s + 1) * size, n)]
+            if int(shard["index"]) != s or shard["seeds"] != want or int(shard["count"]) != want[1] - want[0]:
+                raise ValueError(f"{path}: shard {s} holds the seeds {shard['seeds']} ({shard['count']} pairs), "
+                                 f"expected {want}: the folder has a gap (grown by an older version?); rerun "
+                                 "`pairs` with the same settings to repair it")
+            for kind in ARRAYS:
+                _file_name(shard, kind)
 
     def verify(self) -> None:
         """Check every shard file against its sha256; raises ValueError naming a bad file."""
@@ -238,8 +347,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _shard(self, s: int) -> dict[str, np.ndarray]:
         if s not in self._maps:
-            files = self._shards[s]["files"]
-            self._maps[s] = {k: np.load(self.root / files[k]["name"], mmap_mode="r", allow_pickle=False) for k in ARRAYS}
+            self._maps[s] = {k: np.load(self.root / _file_name(self._shards[s], k), mmap_mode="r", allow_pickle=False)
+                             for k in ARRAYS}
         return self._maps[s]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,69 +372,81 @@ class PairDataset(torch.utils.data.Dataset):
 
 @dataclasses.dataclass
 class PairsConfig:
-    teacher: str = ""
-    out: str = "runs/pairs"
-    num: int = 10000
-    shard_size: int = 1000
-    batch: int = 250
-    seed_offset: int = 0
-    steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    device: str | None = None
+    """A pair generation run; each field is one command-line option (``cli.add_config_arguments``)."""
+
+    teacher: str = cli.option(help="teacher checkpoint (.pt from the teacher command, or an EDM .pkl with --trust-pickle)")
+    out: str = cli.option("runs/pairs", help="pair folder (reruns resume; a larger --num-pairs grows it)")
+    num: int = cli.option(10000, help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num "
+                          "for its --numa-binding)", flag="--num-pairs", aliases=("--num",))
+    shard_size: int = cli.option(1000, help="pairs per shard file (ranks take whole shards)")
+    batch: int = cli.option(250, help="pairs per teacher batch (the target is bitwise reproducible for one batch size)")
+    seed_offset: int = cli.option(0, help="pair i uses seed offset + i (held-out pairs need a range of their own)")
+    steps: int = cli.option(18, help="Heun steps (NFE = 2 steps - 1)")
+    sigma_min: float = cli.option(0.002, help="smallest noise level of the Karras schedule")
+    sigma_max: float = cli.option(80.0, help="largest noise level of the Karras schedule")
+    rho: float = cli.option(7.0, help="Karras schedule exponent")
+    device: Optional[str] = cli.option(None, help="torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
+    trust_pickle: bool = cli.option(False, help="allow a pickled teacher (EDM .pkl): loading a pickle EXECUTES code "
+                                    "stored in the file; use only for files from a source you trust")
+
+    def __post_init__(self) -> None:
+        for name in ("num", "shard_size", "batch", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.seed_offset, int) or self.seed_offset < 0:
+            raise ValueError(f"seed_offset must be an integer >= 0, got {self.seed_offset!r}")
+        sampling.check_schedule(self.sigma_min, self.sigma_max, self.rho)
 
 
-def load_any_teacher(path: str, device: torch.device) -> tuple[Callable, tuple[int, ...], int | None]:
-    """A teacher from a checkpoint of ``teacher`` (.pt) or an EDM pickle (.pkl) -> (D, shape, classes)."""
+def load_any_teacher(path: str, device: torch.device, *, trust_pickle: bool = False
+                     ) -> tuple[Callable, tuple[int, ...], int | None, str]:
+    """A teacher from a checkpoint of ``teacher`` (.pt) or an EDM pickle -> (D, shape, classes,
+    sha256 of its weights).
+
+    A file that is not a torch (zip) checkpoint is taken for a pickle, and a pickle runs code
+    from the file when it loads: it is refused unless ``trust_pickle`` is set.
+    """
+    from . import adapters
     from . import teacher as teacher_module
 
-    if path.endswith(".pkl"):
-        net = teacher_module.load_edm_pickle(path).to(device)
+    if path.endswith(".pkl") or (Path(path).is_file() and not zipfile.is_zipfile(path)):
+        if not trust_pickle:
+            raise ValueError(f"--teacher {path!r} is a Python pickle (an EDM network?): loading it runs code "
+                             "stored in the file. Pass --trust-pickle if you trust where it came from")
+        net = adapters.load_edm_pickle(path, trust=True).to(device)
         res = int(getattr(net.net, "img_resolution", 32))
-        return net, (int(getattr(net.net, "img_channels", 3)), res, res), net.num_classes
+        return net, (int(getattr(net.net, "img_channels", 3)), res, res), net.num_classes, common.state_sha256(net)
     denoiser, info = teacher_module.load_teacher(path, device)
-    return denoiser, (info["in_channels"], info["image_size"], info["image_size"]), info["num_classes"]
+    shape = (info["in_channels"], info["image_size"], info["image_size"])
+    return denoiser, shape, info["num_classes"], common.state_sha256(denoiser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = PairsConfig()
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint (.pt from the teacher command, or EDM .pkl)")
-    parser.add_argument("--out", default=d.out, help="pair folder (reruns resume)")
-    parser.add_argument("--num-pairs", "--num", dest="num", type=int, default=d.num,
-                        help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num for its --numa-binding)")
-    parser.add_argument("--shard-size", type=int, default=d.shard_size)
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--seed-offset", type=int, default=d.seed_offset, help="pair i uses seed offset + i")
-    parser.add_argument("--steps", type=int, default=d.steps, help="Heun steps (NFE = 2 steps - 1)")
-    parser.add_argument("--sigma-min", type=float, default=d.sigma_min)
-    parser.add_argument("--sigma-max", type=float, default=d.sigma_max)
-    parser.add_argument("--rho", type=float, default=d.rho)
-    parser.add_argument("--device", default=d.device, help="default: cuda:LOCAL_RANK if available, else cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, PairsConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = PairsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PairsConfig)})
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return cli.run(PairsConfig, args, run)
+
+
+def run(config: PairsConfig) -> int:
+    """Generate the pairs of ``config`` (under torchrun: this rank's shards)."""
     if not Path(config.teacher).is_file():
-        raise SystemExit(f"--teacher: no file at {config.teacher!r}")
+        raise ValueError(f"--teacher: no file at {config.teacher!r}")
+    common.check_device(config.device)
     dist = common.init_distributed(config.device)
     try:
-        denoiser, shape, num_classes = load_any_teacher(config.teacher, dist.device)
-        if dist.is_main:
-            common.save_config(Path(config.out) / "pairs_config.json", config)
-        manifest = generate_pairs(
-            denoiser, config.out, config.num, config.shard_size, config.batch, image_shape=shape,
-            seed_offset=config.seed_offset, num_classes=num_classes, num_steps=config.steps,
-            sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho,
-            teacher_hash=common.sha256_file(config.teacher), device=dist.device,
-            rank=dist.rank, world_size=dist.world_size)
+        denoiser, shape, num_classes, _ = load_any_teacher(config.teacher, dist.device, trust_pickle=config.trust_pickle)
+        with common.folder_lock(config.out, dist.rank, dist.world_size):
+            if dist.is_main:
+                common.save_config(Path(config.out) / "pairs_config.json", config)
+            manifest = generate_pairs(
+                denoiser, config.out, config.num, config.shard_size, config.batch, image_shape=shape,
+                seed_offset=config.seed_offset, num_classes=num_classes, num_steps=config.steps,
+                sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho,
+                teacher_hash=common.sha256_file(config.teacher), device=dist.device,
+                rank=dist.rank, world_size=dist.world_size)
         if manifest is not None:
             print(f"wrote {manifest['num_pairs']} pairs in {manifest['num_shards']} shards to {config.out}", file=sys.stderr)
     finally:

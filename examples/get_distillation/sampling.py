@@ -6,6 +6,7 @@ shape (B,). References: Karras et al. 2022 (EDM), eq. 5 and Algorithm 1.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -24,14 +25,21 @@ def karras_sigmas(n: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    check_schedule(sigma_min, sigma_max, rho)
     i = torch.arange(n, dtype=torch.float64)
     ramp = i / max(n - 1, 1)
     inv_rho = 1.0 / rho
     sigmas = (sigma_max**inv_rho + ramp * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
     sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact end points despite rounding
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+
+def check_schedule(sigma_min: float, sigma_max: float, rho: float) -> None:
+    """Raise ValueError naming the value unless 0 < sigma_min <= sigma_max < inf and rho > 0."""
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min <= sigma_max):
+        raise ValueError(f"need 0 < sigma_min <= sigma_max (finite), got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0 (EDM: 7), got {rho}")
 
 
 def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

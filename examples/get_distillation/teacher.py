@@ -1,12 +1,12 @@
-"""The teacher: an EDM-preconditioned denoiser D(x, sigma, labels), its training command, and
-adapters for external teachers.
+"""Train an EDM teacher (``python -m examples.get_distillation teacher``) and load its checkpoints.
 
-- :class:`UNet`: a compact conv UNet backbone F(x; c_noise, labels), sized by ``PRESETS``.
-- :class:`EDMDenoiser`: D = c_skip x + c_out F(c_in x; c_noise) (Karras et al. 2022, Table 1).
-- :func:`edm_loss`: log-normal sigma, EDM weighting.
-- :func:`train`: a linear, resumable training loop (``python -m examples.get_distillation teacher``).
-- :class:`EpsilonVPDenoiser`: a diffusers-style epsilon-prediction UNet as D(x, sigma).
-- :func:`load_edm_pickle`: EDM's own CIFAR-10 checkpoints (needs the user's EDM code).
+- :class:`TeacherConfig`: the run's settings, one command-line option each.
+- :func:`train`: a linear, resumable training loop; the run folder is locked while it runs,
+  and a non-finite loss stops it before anything is saved.
+- :func:`load_teacher`: a checkpoint -> the EMA denoiser (``weights_only=True``).
+
+The network is in ``edm.py`` (UNet backbone, EDM preconditioning, loss); denoisers made
+elsewhere (diffusers' epsilon models, EDM's pickles) are in ``adapters.py``.
 """
 
 from __future__ import annotations
@@ -14,212 +14,62 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from . import common, data, sampling
-
-# ----------------------------------------------------------------------------- backbone
-
-# name -> UNet keyword arguments. "tiny" is for tests.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(channels=8, channel_mult=(1, 2), num_blocks=1, emb_dim=16),
-    "digits": dict(channels=64, channel_mult=(1,), num_blocks=1, emb_dim=64),  # 0.49M params
-    "cifar-small": dict(channels=64, channel_mult=(1, 2, 2), num_blocks=2, emb_dim=256),
-}
-
-
-class FourierEmbedding(nn.Module):
-    """Sinusoidal (positional) embedding of a scalar per sample, e.g. c_noise = ln(sigma) / 4."""
-
-    def __init__(self, dim: int, max_period: float = 10.0):
-        super().__init__()
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half) * 100.0
-        self.register_buffer("freqs", freqs, persistent=False)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        angles = t.float()[:, None] * self.freqs[None]  # (B, dim/2)
-        return torch.cat([angles.cos(), angles.sin()], dim=1)  # (B, dim)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, emb_dim: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(min(8, c_in), c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-class UNet(nn.Module):
-    """A compact UNet F(x; c_noise, labels): residual conv blocks, one resolution per entry of
-    ``channel_mult``, skip connections, a sinusoidal noise embedding and an optional class
-    embedding added to it."""
-
-    def __init__(self, in_channels: int = 1, channels: int = 64, channel_mult: tuple[int, ...] = (1, 2),
-                 num_blocks: int = 1, emb_dim: int = 128, num_classes: int | None = None):
-        super().__init__()
-        self.in_channels = in_channels
-        self.num_classes = num_classes
-        self.noise_embed = nn.Sequential(FourierEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU(),
-                                         nn.Linear(emb_dim, emb_dim))
-        self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes else None
-        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        self.downsample = nn.ModuleList()
-        widths, c = [channels], channels
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_blocks):
-                self.down.append(ResBlock(c, channels * mult, emb_dim))
-                c = channels * mult
-                widths.append(c)
-            if level < len(channel_mult) - 1:
-                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                widths.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim), ResBlock(c, c, emb_dim)])
-        self.up = nn.ModuleList()
-        self.upsample = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for _ in range(num_blocks + 1):
-                self.up.append(ResBlock(c + widths.pop(), channels * mult, emb_dim))
-                c = channels * mult
-            if level > 0:
-                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
-        self.norm_out = nn.GroupNorm(min(8, c), c)
-        self.conv_out = nn.Conv2d(c, in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-        self.channel_mult, self.num_blocks = tuple(channel_mult), num_blocks
-
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.noise_embed(c_noise)  # (B, E)
-        if self.class_embed is not None:
-            if labels is None:
-                raise ValueError("this backbone is class-conditional: pass labels")
-            emb = emb + self.class_embed(labels)
-        emb = F.silu(emb)
-        h = self.conv_in(x)  # (B, C, H, W)
-        skips = [h]
-        blocks, downs = iter(self.down), iter(self.downsample)
-        for level in range(len(self.channel_mult)):
-            for _ in range(self.num_blocks):
-                h = next(blocks)(h, emb)
-                skips.append(h)
-            if level < len(self.channel_mult) - 1:
-                h = next(downs)(h)  # (B, C', H/2, W/2)
-                skips.append(h)
-        for block in self.mid:
-            h = block(h, emb)
-        blocks, ups = iter(self.up), iter(self.upsample)
-        for level in reversed(range(len(self.channel_mult))):
-            for _ in range(self.num_blocks + 1):
-                h = next(blocks)(torch.cat([h, skips.pop()], dim=1), emb)
-            if level > 0:
-                h = next(ups)(F.interpolate(h, scale_factor=2.0, mode="nearest"))  # (B, C', 2H, 2W)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_in, H, W)
-
-
-def build_backbone(preset: str, in_channels: int, num_classes: int | None) -> UNet:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return UNet(in_channels=in_channels, num_classes=num_classes, **PRESETS[preset])
-
-
-# ----------------------------------------------------------------------------- EDM wrapper
-
-
-class EDMDenoiser(nn.Module):
-    """EDM preconditioning around a backbone F(x; c_noise, labels):
-
-    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), with c_skip = sd^2 / (sigma^2 + sd^2),
-    c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4.
-    """
-
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5):
-        super().__init__()
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
-        self.backbone = backbone
-        self.sigma_data = float(sigma_data)
-
-    @property
-    def num_classes(self) -> int | None:
-        return getattr(self.backbone, "num_classes", None)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
-        sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)                                # (B, 1, 1, 1)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1.0 / (sigma**2 + sd2).sqrt()
-        c_noise = sigma.log().flatten() / 4                            # (B,)
-        F_x = self.backbone((c_in * x).to(torch.float32), c_noise.to(torch.float32), labels)  # (B, C, H, W)
-        return c_skip * x + c_out * F_x.to(x.dtype)
-
-
-def edm_loss(denoiser: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-             P_mean: float = -1.2, P_std: float = 1.2, generator: torch.Generator | None = None) -> torch.Tensor:
-    """EDM's training loss: ln(sigma) ~ N(P_mean, P_std^2), weight (sigma^2 + sd^2) / (sigma sd)^2.
-
-    Random numbers come from ``generator`` (on the CPU) when given, so training replays exactly.
-    """
-    B = images.shape[0]
-    rnd = torch.randn(B, generator=generator).to(images.device)
-    sigma = (rnd * P_std + P_mean).exp().to(images.dtype)  # (B,)
-    noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)  # (B, C, H, W)
-    sd = denoiser.sigma_data
-    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2  # (B,)
-    denoised = denoiser(images + noise * sigma[:, None, None, None], sigma, labels)
-    per_sample = ((denoised - images) ** 2).flatten(1).mean(1)  # (B,)
-    return (weight * per_sample).mean()
-
-
-update_ema = common.update_ema  # kept under this name for callers of the teacher module
-
+from . import cli, common, data, sampling
+from .edm import PRESETS, EDMDenoiser, build_backbone, edm_loss
 
 # ----------------------------------------------------------------------------- config & checkpoints
 
 
 @dataclasses.dataclass
 class TeacherConfig:
-    out: str = "runs/teacher"
-    data: str = "digits"
-    data_root: str | None = None
-    image_size: int = 32
-    preset: str = "digits"
-    cond: bool = True
-    steps: int = 2000
-    batch: int = 128
-    lr: float = 2e-3
-    warmup: int = 100
-    ema_decay: float = 0.999
-    sigma_data: float = 0.5
-    seed: int = 0
-    ckpt_every: int = 500
-    sample_every: int = 500
-    sample_steps: int = 18
-    device: str = "cpu"
+    """A teacher training run; each field is one command-line option (``cli.add_config_arguments``)."""
+
+    out: str = cli.option("runs/teacher", help="run folder (resumes from its checkpoint.pt if present)")
+    data: str = cli.option("digits", help="training images", choices=data.DATASETS)
+    data_root: Optional[str] = cli.option(None, help="folder for cifar10 / folder data")
+    image_size: int = cli.option(32, help="resize for --data folder")
+    preset: str = cli.option("digits", help="backbone size", choices=lambda: sorted(PRESETS))
+    cond: bool = cli.option(True, help="class-conditional (--no-cond or --uncond: unconditional)")
+    steps: int = cli.option(2000, help="optimizer steps")
+    batch: int = cli.option(128, help="batch size")
+    lr: float = cli.option(2e-3, help="Adam learning rate after warm-up")
+    warmup: int = cli.option(100, help="linear lr warm-up steps")
+    ema_decay: float = cli.option(0.999, help="EMA decay (ramped up over the first steps)")
+    sigma_data: float = cli.option(0.5, help="EDM's sigma_data")
+    seed: int = cli.option(0, help="seed of the weights and of the training randomness")
+    ckpt_every: int = cli.option(500, help="steps between checkpoints")
+    sample_every: int = cli.option(500, help="steps between sample grids (0: none)")
+    sample_steps: int = cli.option(18, help="Heun steps for the sample grids")
+    device: str = cli.option("cpu", help="torch device")
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "steps", "batch", "ckpt_every", "sample_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup", "sample_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
+            raise ValueError(f"sigma_data must be a finite number > 0, got {self.sigma_data!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.data not in data.DATASETS:
+            raise ValueError(f"data must be one of {data.DATASETS}, got {self.data!r}")
 
 
 def build_denoiser(config: TeacherConfig, in_channels: int, num_classes: int | None) -> EDMDenoiser:
@@ -234,7 +84,7 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", em
     The info dict has ``config``, ``in_channels``, ``image_size``, ``num_classes``, ``step``.
     """
     state = common.load_checkpoint(path, map_location="cpu")
-    missing = [k for k in ("config", "model", "ema", "in_channels", "num_classes") if k not in state]
+    missing = [k for k in ("config", "model", "ema", "in_channels", "num_classes", "image_size") if k not in state]
     if missing:
         raise ValueError(f"{path}: not a teacher checkpoint (missing {missing})")
     config = common.config_from_dict(TeacherConfig, state["config"])
@@ -268,8 +118,23 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
     state and the config; written atomically every ``ckpt_every`` steps and at the end) and
     ``samples/step_XXXXXXX.png``. If a checkpoint exists the run resumes from it and ends
     exactly where an uninterrupted run would (training randomness comes from one generator
-    whose state is checkpointed).
+    whose state is checkpointed). A non-finite loss raises :class:`TrainingDiverged` before
+    anything is saved; another live process writing ``config.out`` raises ``common.FolderLocked``.
     """
+    common.check_device(config.device)
+    with common.folder_lock(config.out):
+        return _train(config, progress)
+
+
+# a resumed run may change these: where it is, how long it runs, how often it reports, the device
+FREE_ON_RESUME = ("out", "steps", "ckpt_every", "sample_every", "device")
+
+
+class TrainingDiverged(RuntimeError):
+    """The teacher's loss became non-finite; nothing was saved past the last finite state."""
+
+
+def _train(config: TeacherConfig, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     out = Path(config.out)
@@ -290,8 +155,7 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
         state = common.load_checkpoint(ckpt_path)
         saved = common.config_from_dict(TeacherConfig, state["config"])
         changed = [f.name for f in dataclasses.fields(TeacherConfig)
-                   if f.name not in ("steps", "ckpt_every", "sample_every", "device")
-                   and getattr(saved, f.name) != getattr(config, f.name)]
+                   if f.name not in FREE_ON_RESUME and getattr(saved, f.name) != getattr(config, f.name)]
         if changed:
             raise ValueError(f"{ckpt_path} was made with a different config ({changed} differ); "
                              "use another --out or the same settings")
@@ -320,10 +184,13 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         loss = edm_loss(denoiser, x, y, generator=generator)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"step {step + 1}: the loss is {loss.item()}; stopped without saving "
+                                   f"({ckpt_path} keeps the last finite state). Lower --lr (now {config.lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        update_ema(ema, denoiser, min(config.ema_decay, (1 + step) / (10 + step)))
+        common.update_ema(ema, denoiser, min(config.ema_decay, (1 + step) / (10 + step)))
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -340,155 +207,23 @@ def train(config: TeacherConfig, progress: bool = True) -> dict[str, Any]:
     return {"losses": losses, "step": step}
 
 
-# ----------------------------------------------------------------------------- external teachers
-
-
-class EpsilonVPDenoiser(nn.Module):
-    """A discrete-time epsilon-prediction (DDPM / VP) model as an EDM denoiser D(x, sigma).
-
-    With sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t):
-    D(x; sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma)), where t(sigma) is the nearest
-    timestep in log-sigma (``interpolate=False``) or a fractional one found by linear
-    interpolation in log-sigma (for models that accept float timesteps).
-
-    ``eps_model`` is called as ``eps_model(x_in, t)`` (plus ``class_labels=labels`` when labels
-    are given), and may return a tensor or an object with ``.sample`` (diffusers' UNet2DModel).
-    Sample with sigma_max <= ``self.sigma_max`` and sigma_min >= ``self.sigma_min``.
-
-    Example (a diffusers checkpoint; not a dependency of this project)::
-
-        unet = diffusers.UNet2DModel.from_pretrained("google/ddpm-cifar10-32")
-        sched = diffusers.DDPMScheduler.from_pretrained("google/ddpm-cifar10-32")
-        D = EpsilonVPDenoiser(unet, sched.alphas_cumprod)
-    """
-
-    def __init__(self, eps_model: nn.Module, alphas_cumprod: torch.Tensor, interpolate: bool = False):
-        super().__init__()
-        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() < 2:
-            raise ValueError(f"alphas_cumprod must be 1-D with >= 2 entries, got shape {tuple(alphas_cumprod.shape)}")
-        if not ((alphas_cumprod > 0) & (alphas_cumprod < 1)).all():
-            raise ValueError("alphas_cumprod must lie strictly between 0 and 1")
-        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-        if not (sigmas[1:] > sigmas[:-1]).all():
-            raise ValueError("alphas_cumprod must decrease with t (sigma(t) increasing)")
-        self.eps_model = eps_model
-        self.interpolate = interpolate
-        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
-        self.sigma_min, self.sigma_max = float(sigmas[0]), float(sigmas[-1])
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """t(sigma): nearest index (long) or fractional index (float), per sample."""
-        log_sigma = sigma.to(torch.float64).log().clamp(self.log_sigmas[0], self.log_sigmas[-1])  # (B,)
-        if not self.interpolate:
-            return (log_sigma[:, None] - self.log_sigmas[None]).abs().argmin(dim=1)
-        hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
-        lo = hi - 1
-        w = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
-        return (lo + w).to(torch.float32)
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-        s = sigma[:, None, None, None]
-        x_in = x / (1 + s**2).sqrt()  # VP-scaled input  (B, C, H, W)
-        t = self.timestep(sigma).to(x.device)
-        kwargs = {"class_labels": labels} if labels is not None else {}
-        eps = self.eps_model(x_in, t, **kwargs)
-        eps = getattr(eps, "sample", eps)
-        if isinstance(eps, (tuple, list)):
-            eps = eps[0]
-        return x - s * eps.to(x.dtype)
-
-
-class _EDMNetAdapter(nn.Module):
-    """EDM's networks take (x, sigma, class_labels one-hot); this takes integer labels."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.num_classes = int(getattr(net, "label_dim", 0)) or None
-        self.sigma_data = float(getattr(net, "sigma_data", 0.5))
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        class_labels = None
-        if self.num_classes:
-            if labels is None:
-                raise ValueError("this EDM network is class-conditional: pass labels")
-            class_labels = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
-        return self.net(x.float(), sigma.float(), class_labels).to(x.dtype)
-
-
-def load_edm_pickle(path: str | os.PathLike) -> nn.Module:
-    """Load one of EDM's released network pickles (e.g. edm-cifar10-32x32-cond-vp.pkl) as D(x, sigma, labels).
-
-    EDM pickles hold Python objects of EDM's own code, so unpickling needs that code: clone
-    https://github.com/NVlabs/edm and put its root on PYTHONPATH (it provides ``torch_utils``
-    and ``dnnlib``), e.g. ``PYTHONPATH=/path/to/edm python -m examples.get_distillation pairs
-    --teacher edm-cifar10-32x32-cond-vp.pkl ...``. Unpickling runs code: load only files you
-    trust. Returns the EMA network in eval mode, taking integer labels.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"EDM pickle not found: expected a file at {str(path)!r}")
-    try:
-        import dnnlib  # noqa: F401
-        import torch_utils  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            f"loading {path.name} needs EDM's code: clone https://github.com/NVlabs/edm and add its root "
-            "to PYTHONPATH (it provides the 'torch_utils' and 'dnnlib' packages the pickle refers to)"
-        ) from exc
-    with open(path, "rb") as f:
-        obj = pickle.load(f)  # noqa: S301 - EDM's format; documented above
-    net = obj.get("ema") if isinstance(obj, dict) else None
-    if not isinstance(net, nn.Module):
-        raise RuntimeError(f"{path}: expected an EDM network pickle (a dict with an 'ema' network)")
-    return _EDMNetAdapter(net).eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TeacherConfig()
-    parser.add_argument("--out", default=d.out, help="run folder (resumes from its checkpoint.pt if present)")
-    parser.add_argument("--data", default=d.data, choices=data.DATASETS)
-    parser.add_argument("--data-root", default=d.data_root, help="folder for cifar10 / folder data")
-    parser.add_argument("--image-size", type=int, default=d.image_size, help="resize for --data folder")
-    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
-    parser.add_argument("--cond", action=argparse.BooleanOptionalAction, default=d.cond,
-                        help="class-conditional (--no-cond / --uncond for unconditional)")
-    parser.add_argument("--uncond", dest="cond", action="store_false", help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--batch", type=int, default=d.batch)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    parser.add_argument("--sample-every", type=int, default=d.sample_every, help="0 disables sample grids")
-    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Heun steps for grids")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (not part of the config)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, TeacherConfig)
+    parser.add_argument("--uncond", dest="cond", action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def config_from_args(args: argparse.Namespace) -> TeacherConfig:
-    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
-    config = TeacherConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    for name in ("steps", "batch", "ckpt_every"):
-        if getattr(config, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    return config
+def _run(config: TeacherConfig) -> int:
+    common.seed_everything(config.seed)
+    try:
+        train(config)
+    except TrainingDiverged as exc:
+        print(f"error: teacher: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common.seed_everything(config.seed)
-    train(config)
-    return 0
+    return cli.run(TeacherConfig, args, _run)

@@ -17,7 +17,17 @@ with ``Unrolled`` (or ``Phantom``); ``--z0 zeros`` makes the start deterministic
 
 Rerunning with the same ``--out`` resumes from the last checkpoint and continues the same
 run: the data order, the random starts z0 and therefore the loss curve are those of an
-uninterrupted run (batch b of step s is a function of the seed and s only).
+uninterrupted run (batch b of step s is a function of the seed and s only). A run folder may
+be moved or copied and resumed from there, and a constant-lr run extended with a larger
+``--steps``; a resume refuses other pairs than it was trained on (another teacher, other
+seeds, other images), whatever path they sit at. Rerunning a finished run does nothing.
+
+A non-finite loss stops the run with an error (exit status 1) before anything is saved:
+the last checkpoint stays the last finite state, and ``log.jsonl`` stays valid JSON.
+
+Every checkpoint describes itself: the config, the image shape and classes, and the
+provenance of its pairs (teacher identity, sampler, seed range, a hash of the data), so a
+student loads without its pair folder and evaluation can check held-out pairs against it.
 """
 
 from __future__ import annotations
@@ -28,56 +38,85 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 import deqkit
 
-from . import common, models
+from . import cli, common, models
 from .pairs import PairDataset
 
+CHECKPOINT_FORMAT = "deqkit-get-student/2"
 BACKWARDS = ("unrolled", "unrolled-checkpoint", "phantom", "implicit", "onestep")
+LOSSES = ("l1", "l2")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+# name -> constructor of the backward mode (the command line's choices; solvers come from
+# deqkit's registry, deqkit.solvers.get(name, **solver_args))
+BACKWARDS: dict[str, Callable[["TrainConfig"], deqkit.AbstractBackward]] = {
+    "unrolled": lambda c: deqkit.Unrolled(),
+    "unrolled-checkpoint": lambda c: deqkit.Unrolled(checkpoint=True),
+    "phantom": lambda c: deqkit.Phantom(steps=c.phantom_steps, tau=c.phantom_tau),
+    "implicit": lambda c: deqkit.Implicit(),
+    "onestep": lambda c: deqkit.OneStep(),
+}
 LOSSES = ("l1", "l2")
 LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a training run depends on; saved as config.json and in every checkpoint."""
+    """Everything a training run depends on; saved as config.json and in every checkpoint.
+    Each field is one command-line option (``cli.add_config_arguments``)."""
 
-    pairs: str
-    out: str
-    num_pairs: Optional[int] = None    # train on the first N pairs only (default: all)
-    model: str = "GET-T/2"
-    solver: str = "fixed_point"        # a deqkit.solvers registry name
-    solver_args: dict = dataclasses.field(default_factory=dict)
-    backward: str = "unrolled"         # one of BACKWARDS
-    phantom_steps: int = 6
-    phantom_tau: float = 1.0
-    max_steps: int = 6                 # calls of f per forward (GET: 6)
-    z0: str = "randn"                  # GET's start: a fresh Gaussian draw; or "zeros"
-    gamma: float = 0.8                 # fixed-point correction weight (1: all iterates equal)
-    loss: str = "l1"
-    lr: float = 1e-4
-    lr_schedule: str = "constant"      # or "cosine": decay to lr_min over `steps`
-    lr_min: float = 0.0
-    warmup: int = 0                    # linear lr warm-up steps
-    weight_decay: float = 0.0          # AdamW's decoupled weight decay (paper: 0)
-    grad_clip: Optional[float] = None  # clip the global gradient norm (paper: none)
-    batch: int = 128                   # global batch (split across ranks)
-    steps: int = 800_000
-    ema_decay: float = 0.9999
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 1000
-    ckpt_every: int = 1000
-    device: Optional[str] = None       # default: cuda if available, else cpu
+    pairs: str = cli.option(help="pair folder (from the pairs subcommand)")
+    out: str = cli.option(help="run folder (rerun to resume)")
+    num_pairs: Optional[int] = cli.option(None, help="train on the first N pairs only, e.g. for a data-scaling study",
+                                          default_text="all pairs")
+    model: str = cli.option("GET-T/2", help="student preset", choices=lambda: list(models.PRESETS))
+    solver: str = cli.option("fixed_point", help="fixed-point solver (deqkit registry name)",
+                             choices=lambda: deqkit.solvers.available())
+    solver_args: dict = cli.option(help="solver hyperparameter, repeatable, e.g. --solver anderson --solver-arg m=5",
+                                   flag="--solver-arg", default_factory=dict)
+    backward: str = cli.option("unrolled", help="how to differentiate through the solve", choices=lambda: list(BACKWARDS))
+    phantom_steps: int = cli.option(6, help="phantom gradient steps (--backward phantom)")
+    phantom_tau: float = cli.option(1.0, help="phantom gradient damping (--backward phantom)")
+    max_steps: int = cli.option(6, help="calls of f per forward (GET: 6)")
+    z0: str = cli.option("randn", help="start of the equilibrium solve (GET: a fresh Gaussian draw)",
+                         choices=("randn", "zeros"))
+    gamma: float = cli.option(0.8, help="fixed-point correction weight (1: all iterates equal)")
+    loss: str = cli.option("l1", help="regression loss on every decoded iterate", choices=LOSSES)
+    lr: float = cli.option(1e-4, help="peak learning rate")
+    lr_schedule: str = cli.option("constant", help="after warm-up: constant (the paper) or cosine decay to --lr-min "
+                                  "at --steps", choices=LR_SCHEDULES)
+    lr_min: float = cli.option(0.0, help="final learning rate of the cosine schedule")
+    warmup: int = cli.option(0, help="linear lr warm-up steps")
+    weight_decay: float = cli.option(0.0, help="AdamW's decoupled weight decay (paper: 0)")
+    grad_clip: Optional[float] = cli.option(None, help="clip the global gradient norm (paper: none)",
+                                            default_text="no clipping")
+    batch: int = cli.option(128, help="global batch size (split across ranks)")
+    steps: int = cli.option(800_000, help="optimizer steps")
+    ema_decay: float = cli.option(0.9999, help="EMA decay of the weights that sample and evaluate")
+    seed: int = cli.option(0, help="seed of the initial weights, the data order and the random starts")
+    log_every: int = cli.option(50, help="steps between log.jsonl records")
+    sample_every: int = cli.option(1000, help="steps between sample grids")
+    ckpt_every: int = cli.option(1000, help="steps between checkpoints")
+    device: Optional[str] = cli.option(None, help="torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        for name in ("phantom_tau", "gamma", "lr", "lr_min", "weight_decay", "ema_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.model not in models.PRESETS:
             raise ValueError(f"model must be one of {list(models.PRESETS)}, got {self.model!r}")
         if self.solver not in deqkit.solvers.available():
@@ -117,15 +156,7 @@ class TrainConfig:
 
 # -- pieces -----------------------------------------------------------------------------------
 def make_backward(config: TrainConfig) -> deqkit.AbstractBackward:
-    if config.backward == "unrolled":
-        return deqkit.Unrolled()
-    if config.backward == "unrolled-checkpoint":
-        return deqkit.Unrolled(checkpoint=True)
-    if config.backward == "phantom":
-        return deqkit.Phantom(steps=config.phantom_steps, tau=config.phantom_tau)
-    if config.backward == "implicit":
-        return deqkit.Implicit()
-    return deqkit.OneStep()
+    return BACKWARDS[config.backward](config)
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -139,6 +170,10 @@ def lr_at(config: TrainConfig, step: int) -> float:
     span = max(config.steps - 1 - config.warmup, 1)  # the last step runs at lr_min
     progress = min((step - config.warmup) / span, 1.0)
     return config.lr_min + 0.5 * (config.lr - config.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a weight) became non-finite; nothing was saved past the last finite state."""
 
 
 def build_student(config: TrainConfig, image_shape: tuple[int, ...], num_classes: Optional[int]) -> nn.Module:
@@ -212,6 +247,7 @@ def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] 
     """Run (or resume) training; returns a summary. ``stop_after`` ends early at that step
     (for tests that simulate a kill)."""
     config.validate()
+    common.check_device(config.device)
     dist = common.init_distributed(config.device)
     try:
         return _train(config, dist, progress, stop_after)
@@ -221,7 +257,6 @@ def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] 
 
 def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_after: Optional[int]) -> dict[str, Any]:
     out = Path(config.out)
-    device = dist.device
     if config.batch % dist.world_size:
         raise ValueError(f"batch {config.batch} must be divisible by the number of processes ({dist.world_size})")
     dataset = PairDataset(config.pairs)
@@ -230,6 +265,48 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         if config.num_pairs > len(dataset):
             raise ValueError(f"num_pairs {config.num_pairs} exceeds the {len(dataset)} pairs in {config.pairs}")
         num_items = config.num_pairs
+    data = dataset.provenance(num_items)
+    with common.folder_lock(out, dist.rank, dist.world_size):
+        return _train_locked(config, dist, progress, stop_after, dataset, num_items, data)
+
+
+# settings a resumed run may change: where things are (the data is checked by its provenance),
+# how often it reports, and the device
+FREE_ON_RESUME = ("out", "pairs", "device", "log_every", "sample_every", "ckpt_every")
+
+
+def _check_resume(config: TrainConfig, state: dict, data: dict, ckpt_path: Path) -> None:
+    """Raise ValueError unless the checkpoint belongs to this run on these pairs."""
+    free = set(FREE_ON_RESUME) if "data" in state else set(FREE_ON_RESUME) - {"pairs"}
+    if config.lr_schedule == "constant":
+        free.add("steps")  # more steps may be asked of a run whose schedule does not depend on them
+    # (settings added since the checkpoint was written take their defaults)
+    saved = common.config_to_dict(common.config_from_dict(TrainConfig, state["config"]))
+    now = common.config_to_dict(config)
+    diff = sorted(k for k in now if k not in free and saved.get(k) != now[k])
+    if diff:
+        raise ValueError(f"{ckpt_path} belongs to a run with other settings ({diff}); use another --out")
+    if "data" not in state:
+        return  # written before checkpoints recorded their data: the pairs path matched above
+    before = state["data"]
+    if before["image_shape"] != data["image_shape"] or before["num_classes"] != data["num_classes"]:
+        raise ValueError(f"the pairs in {config.pairs!r} are images {tuple(data['image_shape'])} with "
+                         f"{data['num_classes']} classes, but {ckpt_path} was trained on {tuple(before['image_shape'])} "
+                         f"with {before['num_classes']} classes; use another --out")
+    changed = sorted(k for k in before if before[k] != data.get(k))
+    if changed:
+        raise ValueError(f"the pairs in {config.pairs!r} are not those {ckpt_path} was trained on ({changed} differ: "
+                         "regenerated, grown, or made by another teacher?); use another --out, or the original pairs")
+
+
+def _all_finite(*modules: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.state_dict().values() if p.is_floating_point())
+
+
+def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_after: Optional[int],
+                  dataset: PairDataset, num_items: int, data: dict) -> dict[str, Any]:
+    out = Path(config.out)
+    device = dist.device
     num_classes = dataset.num_classes
     conditional = bool(num_classes)
     common.seed_everything(config.seed)
@@ -242,16 +319,13 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
     cfg = common.config_to_dict(config)
     if ckpt_path.exists():
         state = common.load_checkpoint(ckpt_path, map_location=device)
-        # more steps may be asked of a resumed run, except where the schedule depends on them
-        free = ("steps", "device") if config.lr_schedule == "constant" else ("device",)
-        # (settings added since the checkpoint was written take their defaults)
-        saved = common.config_to_dict(common.config_from_dict(TrainConfig, state["config"]))
-        saved = {k: v for k, v in saved.items() if k not in free}
-        now = {k: v for k, v in cfg.items() if k not in free}
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"{ckpt_path} belongs to a run with other settings ({diff}); use another --out")
-        model.load_state_dict(state["model"])
+        _check_resume(config, state, data, ckpt_path)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # an older checkpoint without its data's record
+            raise ValueError(f"{ckpt_path} does not fit a student for the pairs in {config.pairs!r} (images "
+                             f"{dataset.image_shape}, {num_classes} classes): were they regenerated for other "
+                             "images? use another --out") from exc
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -278,6 +352,9 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
 
         bar = tqdm(total=config.steps, initial=step, desc=f"train {config.model}", unit="step")
     t0, last = time.perf_counter(), None
+    if step >= config.steps:
+        print(f"{out} is already trained to step {step} of {config.steps}; nothing to do", file=sys.stderr)
+    last_saved = step
     model.train()
     while step < end:
         idx = batch_indices(num_items, config.batch, step, config.seed, dist.rank, dist.world_size)
@@ -290,6 +367,12 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
                 kwargs["z0"] = torch.zeros((local, *token_shape), device=device)
         result = net(noise, labels, **kwargs)
         loss = distillation_loss(result, target, config.loss, config.gamma)
+        loss_value = loss.detach()
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(loss_value)
+            loss_value /= dist.world_size
+        if not torch.isfinite(loss_value):  # every rank sees the same mean and stops together
+            _diverged(f"step {step + 1}: the loss is {float(loss_value)}", config, ckpt_path, last_saved)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -299,11 +382,6 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         optimizer.step()
         common.update_ema(ema, model, config.ema_decay)
         step += 1
-
-        loss_value = loss.detach()
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(loss_value)
-            loss_value /= dist.world_size
         last = float(loss_value)
         if bar is not None:
             bar.update(1)
@@ -312,19 +390,25 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
             record = {"step": step, "loss": last, "lr": lr_at(config, step - 1),
                       "seconds": round(time.perf_counter() - t0, 3)}
             if result.stats is not None:
-                record["residual"] = float(result.stats.residual.mean())
+                residual = float(result.stats.residual.mean())
+                record["residual"] = residual if math.isfinite(residual) else None  # JSON has no NaN
             with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(record, allow_nan=False) + "\n")
         if dist.is_main and (step % config.sample_every == 0 or step == end):
             with torch.no_grad():
                 grid = ema(sample_noise, sample_labels).images
             common.save_image_grid(grid, out / f"samples-{step:07d}.png", nrow=8, scale=4)
         if step % config.ckpt_every == 0 or step == end:
+            if not _all_finite(model, ema):  # a finite loss with a non-finite update
+                _diverged(f"step {step}: the weights are no longer finite", config, ckpt_path, last_saved)
             if dist.is_main:
                 common.save_checkpoint(ckpt_path, {
-                    "config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                    "format": CHECKPOINT_FORMAT, "config": cfg, "step": step, "model": model.state_dict(),
+                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                    "student": {"model": config.model, "image_shape": list(dataset.image_shape),
+                                "num_classes": num_classes}, "data": data,
                 })
+            last_saved = step
             common.barrier(dist.world_size)
     if bar is not None:
         bar.close()
@@ -333,6 +417,13 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         # steps after its last checkpoint: keep the last record of each step
         _dedupe_log(log_path)
     return {"step": step, "loss": last, "out": str(out)}
+
+
+def _diverged(what: str, config: TrainConfig, ckpt_path: Path, last_saved: int) -> None:
+    kept = (f"{ckpt_path} still holds the finite state of step {last_saved}" if ckpt_path.exists()
+            else "no checkpoint was written")
+    raise TrainingDiverged(f"{what}: training stopped without saving ({kept}). Lower --lr (now {config.lr}), "
+                           "add warm-up or --grad-clip, and start again in a new --out or resume from there")
 
 
 def _dedupe_log(path: Path) -> None:
@@ -346,86 +437,51 @@ def _dedupe_log(path: Path) -> None:
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[nn.Module, TrainConfig]:
-    """The (EMA) student of a training checkpoint, in eval mode, and its config."""
+    """The (EMA) student of a training checkpoint, in eval mode, and its config.
+
+    The checkpoint says which images and classes the student is for; one written before
+    checkpoints described themselves needs its pair folder (``config.pairs``) to say it.
+    """
     state = common.load_checkpoint(path, map_location=device)
+    if "config" not in state or "ema" not in state:
+        raise ValueError(f"{str(path)!r} is not a student checkpoint of the train command")
     config = common.config_from_dict(TrainConfig, state["config"])
-    dataset = PairDataset(config.pairs, verify="none")
-    model = build_student(config, dataset.image_shape, dataset.num_classes).to(device)
+    shape, num_classes = student_shape(state, path)
+    model = build_student(config, shape, num_classes).to(device)
     model.load_state_dict(state["ema" if ema else "model"])
     return model.eval(), config
 
 
+def student_shape(state: dict, path: str | Path) -> tuple[tuple[int, ...], Optional[int]]:
+    """(image shape, classes) of a student checkpoint (from its pair folder for an old one)."""
+    if "student" in state:
+        return tuple(state["student"]["image_shape"]), state["student"]["num_classes"]
+    pairs = state["config"]["pairs"]
+    try:
+        dataset = PairDataset(pairs, verify="none")
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path} predates self-describing checkpoints and its pair folder {pairs!r} is gone; "
+                         "resume it once with the pairs present (or retrain) to record its image shape") from exc
+    return dataset.image_shape, dataset.num_classes
+
+
 # -- command line -----------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig(pairs="", out="")
-    parser.add_argument("--pairs", required=True, help="pair folder (from the pairs subcommand)")
-    parser.add_argument("--out", required=True, help="run folder (rerun to resume)")
-    parser.add_argument("--num-pairs", type=int, default=None,
-                        help="train on the first N pairs only, e.g. for a data-scaling study (default: all)")
-    parser.add_argument("--model", default=d.model, choices=list(models.PRESETS))
-    parser.add_argument("--solver", default=d.solver, choices=deqkit.solvers.available())
-    parser.add_argument("--solver-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="solver hyperparameter, e.g. --solver anderson --solver-arg m=5")
-    parser.add_argument("--backward", default=d.backward, choices=BACKWARDS)
-    parser.add_argument("--phantom-steps", type=int, default=d.phantom_steps)
-    parser.add_argument("--phantom-tau", type=float, default=d.phantom_tau)
-    parser.add_argument("--max-steps", type=int, default=d.max_steps, help="fixed-point iterations per forward")
-    parser.add_argument("--z0", default=d.z0, choices=("randn", "zeros"),
-                        help="start of the equilibrium solve (GET: a fresh Gaussian draw)")
-    parser.add_argument("--gamma", type=float, default=d.gamma, help="fixed-point correction weight")
-    parser.add_argument("--loss", default=d.loss, choices=LOSSES)
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    parser.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
-                        help="after warm-up: constant (the paper) or cosine decay to --lr-min at --steps")
-    parser.add_argument("--lr-min", type=float, default=d.lr_min)
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the global gradient norm")
-    parser.add_argument("--batch", type=int, default=d.batch, help="global batch size")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--log-every", type=int, default=d.log_every)
-    parser.add_argument("--sample-every", type=int, default=d.sample_every)
-    parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    cli.add_config_arguments(parser, TrainConfig)
 
 
-def _parse_value(text: str) -> Any:
+def _run(config: TrainConfig) -> int:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    solver_args = {}
-    for item in args.solver_arg:
-        if "=" not in item:
-            raise SystemExit(f"--solver-arg expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        solver_args[key] = _parse_value(value)
-    return TrainConfig(
-        pairs=args.pairs, out=args.out, num_pairs=args.num_pairs, model=args.model, solver=args.solver, solver_args=solver_args,
-        backward=args.backward, phantom_steps=args.phantom_steps, phantom_tau=args.phantom_tau,
-        max_steps=args.max_steps, z0=args.z0, gamma=args.gamma, loss=args.loss, lr=args.lr,
-        lr_schedule=args.lr_schedule, lr_min=args.lr_min, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, batch=args.batch,
-        steps=args.steps, ema_decay=args.ema_decay, seed=args.seed, log_every=args.log_every,
-        sample_every=args.sample_every, ckpt_every=args.ckpt_every, device=args.device,
-    )
+        summary = train(config)
+    except TrainingDiverged as exc:
+        print(f"error: train: {exc}", file=sys.stderr)
+        return 1
+    if summary["loss"] is None:
+        print(f"nothing to do: {summary['out']} is at step {summary['step']}")
+    else:
+        print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoint in {summary['out']}")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    config.validate()
-    if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    summary = train(config)
-    print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoint in {summary['out']}")
-    return 0
+    return cli.run(TrainConfig, args, _run)

@@ -49,7 +49,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
                                teacher=str(out / "teacher" / "checkpoint.pt"), heldout=str(out / "pairs-heldout"),
                                out=str(tmp_path / "eval"), num_samples=300, heun_steps=4, nfe_max=2,
                                sweep_samples=300, cache=str(out / "cache"))
-    both = evaluate.evaluate(ecfg, progress=False)
+    both = evaluate.evaluate(ecfg)
     assert [row["label"] for row in both["students"]] == ["GET-Tiny/4 (GET-Tiny_4)", "GET-Tiny/4 (get-copy)"]
     assert both["students"][0]["teacher_match"] == both["students"][1]["teacher_match"]
     text = (tmp_path / "eval" / "report.md").read_text()
@@ -145,7 +145,7 @@ def test_quick_and_full_demos_default_to_separate_folders(capsys):
 
 
 def test_run_labels_are_unique_even_when_folder_names_repeat(tmp_path):
-    from examples.get_distillation import common, evaluate, train
+    from examples.get_distillation import common, report, train
 
     runs = []
     for parent, name, model in (("a", "GET-Tiny_4", "GET-Tiny/4"), ("b", "GET-Tiny_4", "GET-Tiny/4"),
@@ -159,8 +159,8 @@ def test_run_labels_are_unique_even_when_folder_names_repeat(tmp_path):
     common.save_checkpoint(only_checkpoint / "checkpoint.pt",
                            {"config": common.config_to_dict(train.TrainConfig(pairs="p", out="x", model="ViT-Tiny/4"))})
     runs.append(str(only_checkpoint))
-    labels = evaluate._labels(runs)
+    labels = report.run_labels(runs)
     assert labels == ["GET-Tiny/4 (GET-Tiny_4) #1", "GET-Tiny/4 (GET-Tiny_4) #2", "ViT-Tiny/4 (vit)",
                       "GET-Tiny/4 (other)", "ViT-Tiny/4 (copied)"]
-    slugs = [evaluate._slug({"label": label}) for label in labels]
+    slugs = [report.slug({"label": label}) for label in labels]
     assert len(set(slugs)) == len(slugs)

@@ -39,13 +39,6 @@ def test_frechet_distance_matches_closed_forms():
         metrics.frechet_distance(a, a[:, :3])
 
 
-def test_kid_is_near_zero_for_one_distribution_and_large_otherwise():
-    rng = np.random.RandomState(1)
-    a, b = rng.randn(400, 16), rng.randn(400, 16)
-    same, different = metrics.kid(a, b, num_subsets=20, subset_size=100), metrics.kid(a, b + 1, num_subsets=20, subset_size=100)
-    assert abs(same) < 0.05 * different
-
-
 def test_mse_and_psnr():
     a = torch.zeros(2, 1, 4, 4)
     b = torch.full((2, 1, 4, 4), 0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,149 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(teacher_ckpt, tmp_path)
     assert _files(tmp_path / "single") == _files(tmp_path / "ddp")
     np.testing.assert_array_equal(np.load(tmp_path / "ddp" / "shard_00001.noise.npy")[1],
                                   pairs.pair_inputs([3], (1, 8, 8), 10)[0][0].numpy())
+
+
+# -- issue 13: growth, locks, untrusted files, what "the same pair" guarantees ----------------
+
+
+def test_growing_a_folder_gives_exactly_what_a_fresh_run_makes(teacher_ckpt, tmp_path):
+    # 7 pairs in shards of 3 end in a short shard [6, 7); growing to 10 must redo it as [6, 9)
+    _generate(teacher_ckpt, tmp_path / "grown", num=7, shard=3, batch=3)
+    grown = _generate(teacher_ckpt, tmp_path / "grown", num=10, shard=3, batch=3)
+    fresh = _generate(teacher_ckpt, tmp_path / "fresh", num=10, shard=3, batch=3)
+    assert [s["count"] for s in grown["shards"]] == [3, 3, 3, 1]
+    assert _files(tmp_path / "grown") == _files(tmp_path / "fresh")
+    assert grown == fresh
+    ds = pairs.PairDataset(tmp_path / "grown")
+    for i in (6, 7, 8, 9):  # pairs that the smaller run never made
+        assert torch.equal(ds[i][0], pairs.pair_inputs([i], (1, 8, 8), 10)[0][0])
+
+
+def test_a_manifest_with_a_gap_is_refused_by_the_reader(teacher_ckpt, tmp_path):
+    _generate(teacher_ckpt, tmp_path, num=7, shard=3, batch=3)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1]["count"], manifest["shards"][1]["seeds"] = 1, [3, 4]  # as an old grown folder
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="shard 1 holds the seeds \\[3, 4\\].*gap"):
+        pairs.PairDataset(tmp_path)
+
+
+def test_manifest_file_names_are_confined_to_the_folder(teacher_ckpt, tmp_path):
+    _generate(teacher_ckpt, tmp_path / "p")
+    np.save(tmp_path / "x.npy", np.zeros((3, 1, 8, 8), np.float32))
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    manifest["shards"][0]["files"]["noise"]["name"] = "../x.npy"
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="'../x.npy'.*outside its folder"):
+        pairs.PairDataset(tmp_path / "p", verify="none")
+
+
+def test_a_corrupt_manifest_is_named(teacher_ckpt, tmp_path):
+    _generate(teacher_ckpt, tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "deqkit-get-pairs/1", "shards": [')
+    with pytest.raises(ValueError, match="pair manifest .*manifest.json.* is corrupt"):
+        pairs.PairDataset(tmp_path)
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """A live process holding the folder's lock."""
+    code = ("import sys, time; from examples.get_distillation import common; "
+            "common.acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def test_a_folder_being_written_is_locked_and_a_stale_lock_is_replaced(teacher_ckpt, tmp_path):
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(common.FolderLocked, match=f"being written by process {holder.pid}"):
+            _generate(teacher_ckpt, tmp_path)
+        assert not (tmp_path / "shard_00000.json").exists()
+    finally:
+        _stop(holder)
+    # the holder is gone (as after kill -9): its lock is stale and the next run takes over
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+    _generate(teacher_ckpt, tmp_path)
+    assert (tmp_path / "manifest.json").is_file() and not (tmp_path / ".lock").exists()
+
+
+def test_two_concurrent_cli_runs_into_one_folder_cannot_both_write(teacher_ckpt, tmp_path):
+    holder = _holder(tmp_path / "p")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "examples.get_distillation", "pairs", "--teacher", str(teacher_ckpt),
+                               "--out", str(tmp_path / "p"), "--num-pairs", "4", "--steps", "2", "--threads", "1"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        _stop(holder)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"being written by process {holder.pid}" in proc.stderr
+    assert not (tmp_path / "p" / "pairs_config.json").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["BOOM_FILE"]),))
+
+
+@pytest.mark.parametrize("name", ["teacher.pkl", "teacher.pt"])
+def test_a_pickled_teacher_is_refused_without_trust_pickle(tmp_path, monkeypatch, name):
+    import pickle
+
+    boom = tmp_path / "boom"
+    monkeypatch.setenv("BOOM_FILE", str(boom))
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({"ema": _Boom()}))
+    with pytest.raises(ValueError, match="pickle.*runs code.*--trust-pickle"):
+        pairs.load_any_teacher(str(path), torch.device("cpu"))
+    assert not boom.exists()
+    # with the flag it proceeds to EDM's loader (which needs EDM's code on the path)
+    with pytest.raises(ImportError, match="PYTHONPATH"):
+        pairs.load_any_teacher(str(path), torch.device("cpu"), trust_pickle=True)
+    assert not boom.exists()
+
+
+def test_pairs_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="rho must be a finite number > 0 .*got 0.0"):
+        pairs.PairsConfig(teacher="t.pt", rho=0.0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        pairs.PairsConfig(teacher="t.pt", sigma_min=-1.0)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 0"):
+        pairs.PairsConfig(teacher="t.pt", batch=0)
+
+
+def test_the_target_is_bitwise_equal_for_one_batch_size_and_close_otherwise(teacher_ckpt, tmp_path):
+    # bitwise: the same batch size, any shard size that is a multiple of it, any rank layout
+    a = _generate(teacher_ckpt, tmp_path / "a", num=8, shard=4, batch=2)
+    b = _generate(teacher_ckpt, tmp_path / "b", num=8, shard=2, batch=2)
+    da, db = pairs.PairDataset(tmp_path / "a"), pairs.PairDataset(tmp_path / "b")
+    assert a["teacher"] == b["teacher"]
+    for i in range(8):
+        assert all(torch.equal(u, v) for u, v in zip(da[i], db[i]))
+    # another batch size: the noise and labels are bitwise equal, the target to rounding only
+    _generate(teacher_ckpt, tmp_path / "c", num=8, shard=8, batch=8)
+    dc = pairs.PairDataset(tmp_path / "c")
+    for i in range(8):
+        assert torch.equal(da[i][0], dc[i][0]) and torch.equal(da[i][2], dc[i][2])
+        torch.testing.assert_close(da[i][1], dc[i][1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_manifest_records_the_teacher_identity_and_seed_range(teacher_ckpt, tmp_path):
+    manifest = _generate(teacher_ckpt, tmp_path / "a", num=4, shard=2, batch=2, seed_offset=10)
+    D, _ = T.load_teacher(teacher_ckpt)
+    teacher = manifest["teacher"]
+    assert teacher["sha256"] == common.sha256_file(teacher_ckpt)
+    assert teacher["weights_sha256"] == common.state_sha256(D)
+    assert teacher["id"] == pairs.teacher_identity(teacher["weights_sha256"], manifest["sampler"])
+    assert manifest["seeds"] == [10, 14]
+    other = pairs.generate_pairs(D, tmp_path / "b", 4, 2, 2, image_shape=(1, 8, 8), num_classes=10, num_steps=STEPS + 1,
+                                 teacher_hash=teacher["sha256"], progress=False)
+    assert other["teacher"]["weights_sha256"] == teacher["weights_sha256"] and other["teacher"]["id"] != teacher["id"]

@@ -1,4 +1,4 @@
-"""Teacher: EDM preconditioning, loss, exact resume, CLI, VP epsilon adapter, EDM pickle errors."""
+"""Teacher: EDM preconditioning (edm.py), loss, exact resume, CLI, adapters (VP epsilon, EDM pickles)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from examples.get_distillation import __main__ as cli
+from examples.get_distillation import adapters, edm
 from examples.get_distillation import teacher as T
 
 
@@ -22,7 +23,7 @@ class Recorder(nn.Module):
 
 
 def test_edm_preconditioning_coefficients():
-    D = T.EDMDenoiser(Recorder(), sigma_data=0.5)
+    D = edm.EDMDenoiser(Recorder(), sigma_data=0.5)
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.1, 7.0], dtype=torch.float64)
     out = D(x, sigma)
@@ -105,7 +106,7 @@ def test_epsilon_vp_adapter_follows_the_vp_conversion():
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     model = TinyEps()
-    D = T.EpsilonVPDenoiser(model, alphas_cumprod)
+    D = adapters.EpsilonVPDenoiser(model, alphas_cumprod)
     sig_t = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
     sigma = sig_t[[10, 500]].float()
     x = torch.randn(2, 1, 5, 5)
@@ -116,17 +117,69 @@ def test_epsilon_vp_adapter_follows_the_vp_conversion():
         eps = model(x / (1 + s**2).sqrt(), torch.tensor([10, 500])).sample
     torch.testing.assert_close(out, x - s * eps)
     # interpolation: a sigma between two table entries gets a fractional timestep
-    Di = T.EpsilonVPDenoiser(model, alphas_cumprod, interpolate=True)
+    Di = adapters.EpsilonVPDenoiser(model, alphas_cumprod, interpolate=True)
     mid = ((sig_t[100].log() + sig_t[101].log()) / 2).exp().float()
     Di(x[:1], mid.reshape(1))
     assert 100 < model.t.item() < 101
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        T.EpsilonVPDenoiser(model, torch.tensor([0.5, 0.9]))
+        adapters.EpsilonVPDenoiser(model, torch.tensor([0.5, 0.9]))
 
 
 def test_edm_pickle_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="EDM pickle not found"):
-        T.load_edm_pickle(tmp_path / "edm.pkl")
+        adapters.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
     (tmp_path / "edm.pkl").write_bytes(b"not really")
     with pytest.raises(ImportError, match="PYTHONPATH"):
-        T.load_edm_pickle(tmp_path / "edm.pkl")
+        adapters.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
+
+
+# -- issue 13: validation up front, locks, non-checkpoint files, moved folders, non-finite loss --
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ema-decay", "-3"], "ema_decay must be in [0, 1), got -3.0"),
+    (["--sample-steps", "0"], "sample_steps must be an integer >= 1, got 0"),
+    (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu:0"], "--device"),
+])
+def test_bad_teacher_settings_fail_before_training_with_a_named_error(tmp_path, capsys, argv, message):
+    assert cli.main(["teacher", "--out", str(tmp_path / "t"), "--steps", "1", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "t" / "checkpoint.pt").exists()
+
+
+def test_a_file_that_is_not_a_teacher_checkpoint_is_named(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt' is not a torch checkpoint"):
+        T.load_teacher(tmp_path / "notes.txt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a teacher checkpoint"):
+        T.load_teacher(tmp_path / "other.pt")
+    assert cli.main(["pairs", "--teacher", str(tmp_path / "other.pt"), "--out", str(tmp_path / "p")]) == 1
+    assert "not a teacher checkpoint" in capsys.readouterr().err
+
+
+def test_a_moved_teacher_run_resumes(tmp_path):
+    import shutil
+
+    T.train(_config(tmp_path / "a", steps=2), progress=False)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert T.train(_config(tmp_path / "b", steps=3), progress=False)["step"] == 3
+
+
+def test_a_teacher_run_folder_is_locked_and_a_nan_loss_stops_it(tmp_path, monkeypatch):
+    from examples.get_distillation import common
+
+    lock = common.acquire_lock(tmp_path / "t")
+    assert lock is not None
+    (tmp_path / "t" / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # another host's run
+    with pytest.raises(common.FolderLocked, match="process 1 on 'elsewhere'"):
+        T.train(_config(tmp_path / "t", steps=1), progress=False)
+    (tmp_path / "t" / ".lock").unlink()
+    T.train(_config(tmp_path / "t", steps=1, ckpt_every=1), progress=False)
+    before = (tmp_path / "t" / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(T, "edm_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(T.TrainingDiverged, match="step 2: the loss is nan"):
+        T.train(_config(tmp_path / "t", steps=3, ckpt_every=1), progress=False)
+    assert (tmp_path / "t" / "checkpoint.pt").read_bytes() == before

@@ -227,3 +227,143 @@ def test_batches_are_disjoint_across_ranks_and_cover_an_epoch():
         assert not set(parts[0]) & set(parts[1])
         seen += parts[0] + parts[1]
     assert sorted(seen) == list(range(64))
+
+
+# -- issue 13: non-finite training, provenance, locks, reruns, moved folders ------------------
+
+
+def _main(*argv: str) -> int:
+    from examples.get_distillation.__main__ import main
+
+    return main(list(argv))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(pair_dir, tmp_path, monkeypatch):
+    original = train.distillation_loss
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        loss = original(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "distillation_loss", poisoned)
+    config = _config(pair_dir, tmp_path / "run", steps=6, ckpt_every=2)
+    with pytest.raises(train.TrainingDiverged, match="step 3: the loss is nan.*finite state of step 2"):
+        train.train(config, progress=False)
+    state = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values())
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # strict JSON: no bare NaN
+
+
+def test_weights_that_blow_up_are_never_saved_and_the_cli_exits_non_zero(pair_dir, tmp_path, capsys):
+    code = _main("train", "--pairs", str(pair_dir), "--out", str(tmp_path / "run"), "--model", "ViT-Tiny/2",
+                 "--lr", "1e30", "--batch", "16", "--steps", "8", "--ckpt-every", "1", "--log-every", "1",
+                 "--sample-every", "100")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: train: step" in err and ("no longer finite" in err or "the loss is" in err), err[-500:]
+    path = tmp_path / "run" / "checkpoint.pt"
+    if path.exists():  # whatever was saved is finite
+        state = common.load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan"])
+def test_a_non_finite_lr_is_refused(pair_dir, tmp_path, capsys, lr):
+    assert _main("train", "--pairs", str(pair_dir), "--out", str(tmp_path), "--lr", lr, "--dry-run") == 1
+    assert f"lr must be a finite number, got {lr}" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_is_a_no_op(pair_dir, tmp_path, capsys):
+    argv = ["train", "--pairs", str(pair_dir), "--out", str(tmp_path / "run"), "--model", "GET-Tiny/2",
+            "--batch", "16", "--steps", "2", "--sample-every", "100"]
+    assert _main(*argv) == 0
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    assert _main(*argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_moved_run_resumes_and_a_constant_lr_run_extends(pair_dir, tmp_path):
+    import shutil
+
+    train.train(_config(pair_dir, tmp_path / "straight", steps=4), progress=False)
+    train.train(_config(pair_dir, tmp_path / "a", steps=2), progress=False)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert train.train(_config(pair_dir, tmp_path / "b", steps=4), progress=False)["step"] == 4
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "straight")
+
+
+def test_checkpoints_record_the_data_and_load_without_the_pair_folder(tmp_path, tiny_pairs):
+    import shutil
+
+    pairs_dir = tiny_pairs(tmp_path / "p", 32)
+    train.train(_config(pairs_dir, tmp_path / "run", steps=1, batch=8), progress=False)
+    state = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    from examples.get_distillation.pairs import PairDataset
+
+    assert state["data"] == PairDataset(pairs_dir).provenance()
+    assert state["data"]["seeds"] == [0, 32] and state["student"]["image_shape"] == [1, 8, 8]
+    shutil.rmtree(pairs_dir)
+    model, config = train.load_student(tmp_path / "run" / "checkpoint.pt")
+    assert model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2])).images.shape == (2, 1, 8, 8)
+
+
+def test_resume_refuses_pairs_regenerated_at_the_same_path(tmp_path, tiny_pairs):
+    import shutil
+
+    pairs_dir = tiny_pairs(tmp_path / "p", 32)
+    config = _config(pairs_dir, tmp_path / "run", steps=2, batch=8)
+    train.train(config, progress=False, stop_after=1)
+    shutil.rmtree(tmp_path / "p")
+    tiny_pairs(tmp_path / "p", 32, heun_steps=3)  # another sampler (the teacher's identity) at the same path
+    with pytest.raises(ValueError, match="not those .* was trained on \\(\\['data_sha256', 'sampler', 'teacher_id'\\]"):
+        train.train(config, progress=False)
+
+
+def test_resume_names_pairs_of_another_image_size(tmp_path, tiny_pairs):
+    pairs_dir = tiny_pairs(tmp_path / "p", 32)
+    config = _config(pairs_dir, tmp_path / "run", steps=2, batch=8)
+    train.train(config, progress=False, stop_after=1)
+    manifest = json.loads((pairs_dir / "manifest.json").read_text())
+    state = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state["data"]["image_shape"] = [1, 16, 16]  # as if the pairs had been made for other images
+    common.save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    with pytest.raises(ValueError, match=r"images \(1, 8, 8\) with 10 classes, but .* trained on \(1, 16, 16\)"):
+        train.train(config, progress=False)
+    assert manifest["arrays"]["noise"]["shape"] == [1, 8, 8]
+
+
+def test_a_run_folder_being_trained_is_locked(pair_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(holder.stdout.readline())
+        (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": pid, "host": __import__("socket").gethostname()}))
+        with pytest.raises(common.FolderLocked, match=f"process {pid}"):
+            train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)["step"] == 1  # stale now
+
+
+def test_a_checkpoint_written_before_provenance_still_resumes_and_loads(pair_dir, tmp_path):
+    config = _config(pair_dir, tmp_path / "run", steps=2, ckpt_every=1)
+    train.train(config, progress=False, stop_after=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = common.load_checkpoint(path)
+    for key in ("data", "student", "format"):  # as written before checkpoints described themselves
+        del state[key]
+    common.save_checkpoint(path, state)
+    model, _ = train.load_student(path)  # learns the image shape from the pair folder
+    assert model(torch.zeros(1, 1, 8, 8), torch.tensor([3])).images.shape == (1, 1, 8, 8)
+    assert train.train(config, progress=False)["step"] == 2
+    assert "data" in common.load_checkpoint(path)  # and now records its data
