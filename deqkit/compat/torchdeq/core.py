@@ -227,7 +227,7 @@ class DEQIndexing(DEQBase):
         return [deq_func.vec2list(z) for z in z_out], info
 
 
-_core = {"indexing": DEQIndexing, "sliced": DEQSliced}
+_core: dict[str, type] = {"indexing": DEQIndexing, "sliced": DEQSliced}
 
 
 def register_deq(deq_type: str, core: type) -> None:

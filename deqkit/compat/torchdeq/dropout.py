@@ -53,6 +53,7 @@ class _VariationalDropoutNd(nn.Module):
             return x
         if self.mask is None:
             self.reset_mask(x)
+        assert self.mask is not None
         return self.mask.expand_as(x) * x
 
 

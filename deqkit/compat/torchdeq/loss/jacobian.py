@@ -15,12 +15,12 @@ def jac_reg(f0: Tensor, z0: Tensor, vecs: int = 1, create_graph: bool = True) ->
     (``f0`` computed from ``z0`` with its graph). Uses the global generator, as torchdeq."""
     if isinstance(vecs, bool) or not isinstance(vecs, int) or vecs < 1:
         raise ValueError(f"vecs must be an integer >= 1, got {vecs!r}")
-    total = 0
+    total: Tensor | float = 0
     for _ in range(vecs):
         v = torch.randn(*z0.shape).to(z0)
         vjp = torch.autograd.grad(f0, z0, v, retain_graph=True, create_graph=create_graph)[0]
         total = total + vjp.norm() ** 2
-    return total / vecs / math.prod(z0.shape)
+    return torch.as_tensor(total) / vecs / math.prod(z0.shape)
 
 
 def power_method(f0: Tensor, z0: Tensor, n_iters: int = 100):

@@ -10,7 +10,7 @@ and Broyden samples ``indexing`` at the steps named (torchdeq is one step late).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -104,7 +104,7 @@ def anderson_solver(func: Callable, x0: Tensor, max_iter: int = 50, tol: float =
 
     x_flat = flat(x0)
     batch, dim = x_flat.shape
-    kw = dict(dtype=x0.dtype, device=x0.device)
+    kw: dict[str, Any] = dict(dtype=x0.dtype, device=x0.device)
     X = torch.zeros(batch, m, dim, **kw)  # history of estimates
     F = torch.zeros(batch, m, dim, **kw)  # and of their images
     X[:, 0], F[:, 0] = x_flat, g(x_flat)

@@ -46,5 +46,5 @@ _OPTIONS = [
 def add_deq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add torchdeq's options to ``parser`` (same flags, types and defaults); returns it."""
     for flag, kwargs in _OPTIONS:
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
     return parser

@@ -55,7 +55,7 @@ class MDEQWrapper(DEQWrapper):
         out = self.list2vec(self.func(*self.vec2list(z)))
         return out if tau == 1.0 else tau * out + (1 - tau) * z
 
-    def norm_diff(self, z_new, z_old, show_list: bool = False):
+    def norm_diff(self, z_new, z_old, show_list: bool = False):  # type: ignore[override]
         if show_list:
             return [(a - b).norm(p=1).item() for a, b in zip(self.vec2list(z_new), self.vec2list(z_old))]
         return (z_new - z_old).norm(p=1).item()
