@@ -495,3 +495,98 @@ def test_newton_krylov_falls_back_to_finite_differences_only_for_missing_forward
 
     with pytest.raises(RuntimeError, match="boom"):  # f's own error inside the JVP is not swallowed
         deqkit.fixed_point(broken, torch.zeros(2, 4, dtype=F64), solver=deqkit.NewtonKrylov(jvp="auto"), tol=1e-9, max_steps=30)
+
+
+def test_messages_are_exact():
+    with pytest.raises(ValueError) as info:
+        deqkit.fixed_point(torch.cos, torch.zeros(2, 2), max_steps=-5)
+    assert str(info.value) == "max_steps must be an integer >= 1, got -5"
+    with pytest.raises(TypeError) as info:
+        deqkit.fixed_point(torch.cos, torch.zeros(2, 2), inputs=5)
+    assert str(info.value) == "inputs must be a tuple of f's extra arguments, e.g. inputs=(x,), got int"
+    with pytest.raises(ValueError) as info:
+        deqkit.fixed_point(torch.cos, torch.zeros(2, 2), solver=deqkit.NewtonKrylov(), backward=deqkit.Unrolled())
+    assert str(info.value) == (
+        "backward=Unrolled() cannot differentiate through NewtonKrylov(krylov_dim=20, krylov_rtol=0.001, damping=1.0, "
+        "jvp='auto'): GMRES's orthogonalisation and least squares have no usable derivative once a sample's residual "
+        "reaches round-off (the gradient becomes NaN). Use Implicit(), Phantom() or OneStep() with it, or Unrolled() "
+        "with FixedPoint, Anderson or Broyden.")
+
+    class Opaque(deqkit.FixedPoint):
+        differentiable = False
+
+    with pytest.raises(ValueError, match=r": its iterations are not recorded by autograd\. Use Implicit\(\)"):
+        deqkit.fixed_point(torch.cos, torch.zeros(2, 2), solver=Opaque(), backward=deqkit.Unrolled())
+    with pytest.raises(ValueError) as info:
+        deqkit.TorchDEQSolver("newton")
+    assert str(info.value) == "unknown torchdeq solver 'newton'; available: anderson, broyden, fixed_point_iter, simple_fixed_point_iter"
+
+
+def test_backward_mode_defaults_are_the_documented_ones():
+    assert deqkit.Implicit() == deqkit.Implicit(solver=None, tol=1e-6, max_steps=100, stop_mode="rel")
+    assert deqkit.Phantom() == deqkit.Phantom(steps=5, tau=0.5)
+    assert deqkit.Unrolled() == deqkit.Unrolled(checkpoint=False)
+
+
+def test_vmap_is_refused_even_when_the_start_is_made_inside():
+    with pytest.raises(RuntimeError, match="cannot run inside torch.func transforms"):
+        torch.func.vmap(lambda x: deqkit.fixed_point(lambda z: 0.5 * z + x, torch.zeros(1, 2)).value)(torch.zeros(3, 2))
+
+
+def test_active_set_checks_every_input_after_a_non_tensor():
+    with pytest.raises(ValueError, match=r"inputs\[1\] has shape \(3, 4\)"):
+        deqkit.fixed_point(lambda z, a, b: 0.5 * z, torch.zeros(4, 4), inputs=(None, torch.ones(3, 4)), active_set=True)
+
+
+def test_finite_difference_fallback_is_decided_once_and_counted_right():
+    calls = {"forward_ad": 0, "plain": 0}
+
+    def f(z):
+        key = "forward_ad" if torch._C._functorch.maybe_current_level() is not None else "plain"
+        calls[key] += 1
+        return 0.5 * F.scaled_dot_product_attention(z, z, z) + 0.1  # no forward-mode derivative on CPU
+
+    sol = deqkit.fixed_point(f, torch.zeros(1, 2, 16, 8), solver=deqkit.NewtonKrylov(jvp="auto"), tol=1e-5, max_steps=30)
+    assert sol.success
+    assert calls["forward_ad"] == 1  # tried once, then finite differences for good
+    assert sol.stats.nfev == calls["plain"]  # the failed attempt is not counted
+
+
+def test_a_diverged_sample_rests_at_its_best_iterate_while_others_iterate():
+    rates = torch.tensor([[3.0], [0.99]], dtype=F64)  # sample 0 diverges, sample 1 converges slowly
+    sol = deqkit.fixed_point(lambda z, r: r * z + 1, torch.zeros(2, 3, dtype=F64), inputs=(rates,), solver=deqkit.FixedPoint(),
+                             tol=1e-8, max_steps=100, divergence=10.0, trajectory=2, throw=False, stop_mode="abs")
+    torch.testing.assert_close(sol.value[0], torch.ones(3, dtype=F64))  # f(z0): the lowest absolute residual
+    assert sol.stats.status.tolist() == [int(deqkit.Result.DIVERGED), int(deqkit.Result.MAX_STEPS)]
+    assert torch.equal(sol.trajectory[-1][0], sol.value[0]) and torch.equal(sol.trajectory[0][0], sol.value[0])
+
+
+def test_gmres_meets_its_relative_tolerance_and_no_more():
+    # on an affine map one Newton step's new residual is GMRES's linear residual: at most
+    # krylov_rtol times the old one, reached in fewer Krylov vectors than the dimension
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(12, 12, dtype=F64))[0]
+    a = q @ torch.diag(torch.linspace(-0.9, 0.9, 12, dtype=F64)) @ q.T
+    b = 1e-3 * torch.randn(2, 12, dtype=F64)
+    f = lambda z: z @ a.T + b  # noqa: E731
+    z0 = torch.zeros(2, 12, dtype=F64)
+    for rtol in (0.5, 1e-2):
+        sol = deqkit.fixed_point(f, z0, solver=deqkit.NewtonKrylov(krylov_rtol=rtol), tol=None, max_steps=2, stop_mode="abs")
+        first, second = sol.stats.trace[:, 0], sol.stats.trace[:, 1]
+        assert bool((second <= rtol * first * (1 + 1e-9)).all())
+        assert bool((second > 1e-6 * rtol * first).all())  # stopped at the tolerance, not at convergence
+        assert sol.stats.nfev < 2 + 12
+
+
+def test_torchdeq_adapter_with_a_fixed_number_of_iterations_returns_the_last():
+    g = lambda z: -1.5 * z + 1  # noqa: E731  an oscillation whose residual is lowest first
+    z0 = torch.zeros(2, 4, dtype=F64)
+    sol = deqkit.fixed_point(g, z0, solver=deqkit.TorchDEQSolver("fixed_point_iter"), tol=None, max_steps=5, divergence=None)
+    z = z0
+    for _ in range(5):
+        z = g(z)
+    assert torch.equal(sol.value.detach(), z) and sol.stats.steps.tolist() == [5, 5] and sol.result == deqkit.Result.SUCCESS
+    assert sol.stats.tol is None and not bool(sol.stats.converged.any())
+    rates = torch.tensor([[0.1], [0.9]], dtype=F64)  # batch-wide stopping: sample 0 is below tol long before
+    tight = deqkit.fixed_point(lambda z: rates * z + 1, z0, solver=deqkit.TorchDEQSolver("fixed_point_iter"), tol=1e-3, max_steps=200)
+    assert tight.success and int(tight.stats.steps[0]) < int(tight.stats.steps[1]) <= tight.stats.nfev
