@@ -479,3 +479,37 @@ def test_torchdeq_drops_states_on_early_stop_and_compat_does_not():
     theirs = _run(torchdeq, "mlp", flags, True)
     ours = _run(compat, "mlp", flags, True)
     assert len(theirs["states"]) < 3 and len(ours["states"]) == 3
+
+
+def _normed_net(lib, norm_type, **kwargs):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Conv1d(5, 3, 1), nn.ConvTranspose1d(3, 2, 2))
+    lib.apply_norm(net, norm_type, **kwargs)
+    return net
+
+
+@pytest.mark.parametrize("norm_type, kwargs", [("weight_norm", {}), ("weight_norm", {"learn_scale": False}),
+                                               ("spectral_norm", {}), ("spectral_norm", {"learn_scale": False})])
+def test_loads_a_state_dict_saved_under_torchdeqs_apply_norm(norm_type, kwargs):
+    torchdeq = pytest.importorskip("torchdeq")
+    from deqkit.compat.torchdeq.norm import torchdeq_state_dict
+
+    theirs = _normed_net(torchdeq, norm_type, **kwargs)
+    with torch.no_grad():  # make every saved tensor differ from a fresh model's
+        for p in theirs.parameters():
+            p.mul_(1.3).add_(0.01)
+    theirs.eval()
+    torchdeq.reset_norm(theirs)  # eval: recomputes the weight, no power-iteration step
+    torch.manual_seed(1)
+    ours = _normed_net(compat, norm_type, **kwargs).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: every key mapped
+    x = torch.randn(2, 4, 1).transpose(1, 2)
+    body = lambda net, x: net[3](net[2](net[1](net[0](x)).transpose(1, 2)))  # noqa: E731
+    assert torch.allclose(body(ours, x), body(theirs, x), atol=1e-6)
+    # and back: torchdeq's model loads the compat model's state under torchdeq's names
+    back = _normed_net(torchdeq, norm_type, **kwargs).eval()
+    back.load_state_dict(torchdeq_state_dict(ours))
+    torchdeq.reset_norm(back)
+    assert torch.allclose(body(back, x), body(theirs, x), atol=1e-6)
+    compat.remove_norm(ours)
+    assert ours.load_state_dict(ours.state_dict())  # the hook is gone with the norm
