@@ -479,3 +479,101 @@ def test_torchdeq_drops_states_on_early_stop_and_compat_does_not():
     theirs = _run(torchdeq, "mlp", flags, True)
     ours = _run(compat, "mlp", flags, True)
     assert len(theirs["states"]) < 3 and len(ours["states"]) == 3
+
+
+def _normed_net(lib, norm_type, **kwargs):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Conv1d(5, 3, 1), nn.ConvTranspose1d(3, 2, 2))
+    lib.apply_norm(net, norm_type, **kwargs)
+    return net
+
+
+@pytest.mark.parametrize("norm_type, kwargs", [("weight_norm", {}), ("weight_norm", {"learn_scale": False}),
+                                               ("spectral_norm", {}), ("spectral_norm", {"learn_scale": False})])
+def test_loads_a_state_dict_saved_under_torchdeqs_apply_norm(norm_type, kwargs):
+    torchdeq = pytest.importorskip("torchdeq")
+    from deqkit.compat.torchdeq.norm import torchdeq_state_dict
+
+    theirs = _normed_net(torchdeq, norm_type, **kwargs)
+    with torch.no_grad():  # make every saved tensor differ from a fresh model's
+        for p in theirs.parameters():
+            p.mul_(1.3).add_(0.01)
+    theirs.eval()
+    torchdeq.reset_norm(theirs)  # eval: recomputes the weight, no power-iteration step
+    torch.manual_seed(1)
+    ours = _normed_net(compat, norm_type, **kwargs).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: every key mapped
+    x = torch.randn(2, 4, 1).transpose(1, 2)
+    body = lambda net, x: net[3](net[2](net[1](net[0](x)).transpose(1, 2)))  # noqa: E731
+    assert torch.allclose(body(ours, x), body(theirs, x), atol=1e-6)
+    # and back: torchdeq's model loads the compat model's state under torchdeq's names
+    back = _normed_net(torchdeq, norm_type, **kwargs).eval()
+    back.load_state_dict(torchdeq_state_dict(ours))
+    torchdeq.reset_norm(back)
+    assert torch.allclose(body(back, x), body(theirs, x), atol=1e-6)
+    compat.remove_norm(ours)
+    assert ours.load_state_dict(ours.state_dict())  # the hook is gone with the norm
+
+
+def _get_style_model(lib, args):
+    """A GET-style DEQ transformer, written the way torchdeq-based research code is."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+        def forward(self, z, u):
+            h = self.ln1(z + u)
+            z = z + 0.5 * self.attn(h, h, h, need_weights=False)[0]
+            return z + 0.5 * self.mlp(self.ln2(z)) - 0.5 * z
+
+    class DEQTransformer(nn.Module):
+        def __init__(self, args, d=8, classes=3):
+            super().__init__()
+            self.embed = nn.Linear(4, d)
+            self.block = Block(d)
+            self.head = nn.Linear(d, classes)
+            lib.apply_norm(self.block, args=args)
+            self.deq = lib.get_deq(args)
+
+        def forward(self, x):
+            u = self.embed(x)
+            lib.reset_norm(self.block)
+            z_out, _ = self.deq(lambda z: self.block(z, u), torch.zeros_like(u))
+            return [self.head(z.mean(dim=1)) for z in z_out]
+
+    torch.manual_seed(0)
+    return DEQTransformer(args).double()
+
+
+def test_get_style_transformer_trains_unchanged_on_compat():
+    torchdeq = pytest.importorskip("torchdeq")
+    argv = ["--f_max_iter", "0", "--grad", "6", "--sup_gap", "1", "--eval_f_max_iter", "6", "--norm_type", "none"]
+    torch.manual_seed(1)
+    x, target = torch.randn(4, 5, 4, dtype=F64), torch.tensor([0, 2, 1, 0])
+    runs = []
+    for lib in (torchdeq, compat):
+        parser = argparse.ArgumentParser()
+        lib.add_deq_args(parser)
+        args = parser.parse_args(argv)
+        model = _get_style_model(lib, args).train()
+        preds = model(x)
+        loss, loss_values = lib.fp_correction(nn.CrossEntropyLoss(), (preds, target), return_loss_values=True)
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            eval_preds = model(x)
+        runs.append(dict(preds=[p.detach() for p in preds], loss=loss.detach(), values=list(loss_values),
+                         grads={k: p.grad for k, p in model.named_parameters()}, eval=eval_preds))
+    theirs, ours = runs
+    assert len(ours["preds"]) == len(theirs["preds"]) == 6 and len(ours["values"]) == len(theirs["values"])
+    for a, b in zip(ours["preds"] + ours["eval"] + [ours["loss"]], theirs["preds"] + theirs["eval"] + [theirs["loss"]]):
+        assert _rel(a, b) <= 1e-10
+    for a, b in zip(ours["values"], theirs["values"]):
+        assert abs(float(a) - float(b)) <= 1e-10 * max(1.0, abs(float(b)))
+    assert set(ours["grads"]) == set(theirs["grads"])
+    for k in theirs["grads"]:
+        assert _rel(ours["grads"][k], theirs["grads"][k]) <= 1e-10, k

@@ -28,7 +28,8 @@ from torch.nn.utils import parametrize
 from ..utils.config import DEQConfig
 from .spectral_norm import SpectralNorm
 
-__all__ = ["apply_norm", "reset_norm", "remove_norm", "register_norm", "register_norm_module", "WeightNorm", "SpectralNorm"]
+__all__ = ["apply_norm", "reset_norm", "remove_norm", "register_norm", "register_norm_module", "WeightNorm", "SpectralNorm",
+           "torchdeq_state_dict"]
 
 
 def _norm(p: torch.Tensor, dim) -> torch.Tensor:
@@ -149,6 +150,51 @@ def apply_norm(model: nn.Module, norm_type: str = "weight_norm", prefix_filter_o
             continue
         if type(module) in norm._target_modules:
             module._deq_norm = norm.apply(module, deq_args=config, **norm_kwargs)
+            module._deq_norm_hook = module.register_load_state_dict_pre_hook(_load_torchdeq_keys)
+
+
+def _torchdeq_key_map(norm, name: str, keys) -> dict[str, str]:
+    """torchdeq's state_dict keys for ``name`` (relative to the module) -> this layer's keys."""
+    base = f"parametrizations.{name}."
+    scaled = f"{name}_g" in keys
+    if isinstance(norm, SpectralNorm):
+        return {f"{name}_orig": base + ("original0" if scaled else "original"), f"{name}_g": base + "original1",
+                f"{name}_u": base + "0._u", f"{name}_v": base + "0._v"}
+    return {f"{name}_g": base + "original0", f"{name}_v": base + ("original1" if scaled else "original")}
+
+
+def _load_torchdeq_keys(module, state_dict, prefix, *_):
+    """load_state_dict pre-hook: rename torchdeq's keys (``weight_g``/``weight_v``, or spectral
+    norm's ``weight_orig``/``weight_g``/``weight_u``/``weight_v``) to the parametrisation's."""
+    norm = getattr(module, "_deq_norm", None)
+    if norm is None:
+        return
+    for name in norm.names:
+        local = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        for old, new in _torchdeq_key_map(norm, name, local).items():
+            if old in local and prefix + new not in state_dict:
+                value = state_dict.pop(prefix + old)
+                target = module.get_parameter(new) if "._" not in new else module.get_buffer(new)
+                state_dict[prefix + new] = value.reshape(target.shape) if value.numel() == target.numel() else value
+
+
+def torchdeq_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with torchdeq's key names for the normalised weights, so a model
+    normalised by torchdeq's ``apply_norm`` can load it (the reverse of the load hook)."""
+    state = model.state_dict()
+    for mod_name, module in model.named_modules():
+        norm = getattr(module, "_deq_norm", None)
+        if norm is None:
+            continue
+        prefix = mod_name + "." if mod_name else ""
+        for name in norm.names:
+            local = {k[len(prefix):] for k in state if k.startswith(prefix)}
+            scaled = f"parametrizations.{name}.original0" in local
+            mapping = _torchdeq_key_map(norm, name, {f"{name}_g"} if scaled else set())
+            for old, new in mapping.items():
+                if new in local:
+                    state[prefix + old] = state.pop(prefix + new)
+    return state
 
 
 def reset_norm(model: nn.Module) -> None:
@@ -165,3 +211,6 @@ def remove_norm(model: nn.Module) -> None:
         if hasattr(module, "_deq_norm"):
             module._deq_norm.remove(module)
             del module._deq_norm
+            if hasattr(module, "_deq_norm_hook"):
+                module._deq_norm_hook.remove()
+                del module._deq_norm_hook
