@@ -64,6 +64,24 @@ class DemoConfig:
                    sweep_samples=300, nfe_max=3)
 
 
+def smoke_test_note(config: DemoConfig) -> str | None:
+    """None at the full demo's sizes; else a sentence saying that this run's figures are a smoke
+    test of the pipeline, not results, and which sizes are below the full demo's."""
+    full = DemoConfig()
+    smaller = [f"{f.name.replace('_', '-')} {getattr(config, f.name)} (full: {getattr(full, f.name)})"
+               for f in dataclasses.fields(DemoConfig) if f.type in ("int", int) and f.name != "seed"
+               and getattr(config, f.name) < getattr(full, f.name)]
+    if config.teacher_preset == "tiny" and full.teacher_preset != "tiny":
+        smaller.insert(0, f"teacher-preset tiny (full: {full.teacher_preset})")
+    if not smaller:
+        return None
+    teacher = (" (the teacher is barely trained: expect a class accuracy near chance and FDs in the "
+               "hundreds or more)") if config.teacher_steps < full.teacher_steps else ""
+    return ("These sizes are below the full demo's, so the numbers and figures only show that every "
+            f"stage runs{teacher}. For results run the full demo, "
+            "`python -m examples.get_distillation demo`. Smaller than the full demo: " + ", ".join(smaller) + ".")
+
+
 HELDOUT_SEED_OFFSET = 10_000_000  # held-out pairs never share a seed with training pairs
 
 
@@ -125,7 +143,9 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     report = evaluate.evaluate(ecfg)
     timings["evaluation"] = time.perf_counter() - t
     report["stage_seconds"] = timings
+    report["smoke_test"] = smoke_test_note(config)
     common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
+    common.atomic_write_bytes(out / "report.md", evaluate.markdown(report).encode())
     return report
 
 
@@ -238,6 +258,8 @@ def _run(config: DemoConfig) -> int:
     report = run(config)
     out = Path(config.out)
     print("\n== summary ==")
+    if report.get("smoke_test"):
+        print(f"A SMOKE TEST, NOT RESULTS. {report['smoke_test']}")
     tq = report["teacher"]["quality"]
     print(f"teacher ({report['teacher_nfe']} NFE): FD-digits {tq.get('fd_digits', float('nan')):.2f}, "
           f"class accuracy {tq.get('class_accuracy', float('nan')):.3f}")

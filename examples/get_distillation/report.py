@@ -159,6 +159,8 @@ def markdown(report: dict) -> str:
     t = report["teacher"]
     tq = t["quality"]
     lines = ["# GET distillation: evaluation report", ""]
+    if report.get("smoke_test"):
+        lines += [f"> **A smoke test, not results.** {report['smoke_test']}", ""]
     lines += [f"Images {tuple(report['image_shape'])}, classes: {report['num_classes']}. "
               f"Teacher: EDM Heun, {report['teacher_nfe']} NFE. Samples: {tq.get('n', '-')} per model, same seeded noise.", ""]
     lines += ["| model | params | NFE | FD-digits | FD / teacher's | class acc. | teacher PSNR (dB) | images/s | speed-up |",
