@@ -1,7 +1,7 @@
 """The end-to-end demo on the bundled digits: teacher -> pairs -> GET student (+ ViT) -> report.
 
     python -m examples.get_distillation demo --out runs/demo           # about 17 min on 2 CPU cores
-    python -m examples.get_distillation demo --quick                   # under a minute, in runs/demo-quick
+    python -m examples.get_distillation demo --quick                   # a smoke test, 15-20 s on 2 shared cores, in runs/demo-quick
     python -m examples.get_distillation demo --quick --student-steps 100   # any size is an option
 
 Every stage writes into OUT and is reused when the demo is rerun (the teacher and the
@@ -243,7 +243,8 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_config_arguments(parser, DemoConfig)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes: the whole pipeline in under a minute; other options override them (default: off)")
+                        help="tiny sizes, a smoke test of the whole pipeline (15-20 s measured on a shared 2-core CPU), "
+                        "not results; other options override them (default: off)")
     parser.add_argument("--sequential", dest="parallel_students", action="store_false", default=argparse.SUPPRESS,
                         help="train the two students one after the other, as --no-parallel-students does (default: off)")
 
