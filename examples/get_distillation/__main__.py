@@ -6,10 +6,19 @@ Each subcommand lives in its own module, which provides ``add_arguments(parser)`
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
-import sys
+
+# OpenMP reads its wait policy once, when torch loads it, so this comes before any import of
+# torch (the subcommands' modules import it). PASSIVE: torch's idle worker threads sleep
+# instead of spinning, which on a shared CPU keeps a step within ~3.4x of its idle time beside
+# one busy process instead of 7-25x, for ~34% when the machine is idle (docs/benchmarks.md,
+# "Timing on a shared machine"). A value the user set is kept. Set in os.environ, so every
+# process the demo starts (the side-by-side student) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
 
 # subcommand name -> (module inside this package, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

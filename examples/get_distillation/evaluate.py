@@ -179,7 +179,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                             config.speed_repeats)
     report["teacher"] = {"quality": _quality(t_images, labels, cache, digits),
                          "images_per_second": config.batch / t_seconds}
-    common.save_image_grid(t_images[:100], out / "samples_teacher.png", nrow=10, scale=4)
+    common.save_image_grid(t_images[:100], out / "samples_teacher.png", nrow=10, labels=_first(labels, 100),
+                           title=f"teacher: EDM Heun sampler, {report['teacher_nfe']} NFE "
+                                 f"(the seeded noise every model gets)")
 
     rows = []
     for run, label in zip(runs, run_labels(runs)):
@@ -203,9 +205,16 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
             row["train_max_steps"] = tcfg.max_steps
             row["nfe_sweep"] = _nfe_sweep(model, h_noise, h_target, h_labels, noise, labels, config, digits)
         rows.append(row)
-        common.save_image_grid(images[:100], out / f"samples_{slug(row)}.png", nrow=10, scale=4)
+        iterations = f", {tcfg.max_steps} fixed-point iterations" if isinstance(model, models.GET) else ""
+        common.save_image_grid(images[:100], out / f"samples_{slug(row)}.png", nrow=10, labels=_first(labels, 100),
+                               title=f"{row['label']}: one-step student, 1 NFE (one network call{iterations}), "
+                                     f"same noise as the teacher")
     report["students"] = rows
     return write_report(report, runs, out)
+
+
+def _first(labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if labels is None else labels[:n]
 
 
 def _nfe_sweep(model, h_noise, h_target, h_labels, noise, labels, config: EvalConfig, digits: bool) -> dict[str, Any]:

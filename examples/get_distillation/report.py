@@ -7,7 +7,6 @@ Measuring lives in ``evaluate.py``; this module only draws and writes.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,6 @@ def write_report(report: dict, runs: list, out: str | Path) -> dict:
     common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
     common.atomic_write_bytes(out / "report.md", markdown(report).encode())
     return report
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    common.atomic_write_bytes(path, buffer.getvalue())
 
 
 def run_labels(runs: list) -> list:
@@ -52,50 +45,108 @@ def slug(row: dict) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in row["label"]).strip("_")
 
 
+SOLVERS = ("FixedPoint", "Anderson(m=5)")
+
+
+def nfe_sweep_figure(row: dict) -> Any:
+    """One student's quality against its fixed-point iterations: teacher-match PSNR and (on
+    digits) FD-digits, a line per solver; the dotted line marks the iterations it trained with."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
+
+    sweep = row["nfe_sweep"]
+    panels = [("psnr", "teacher-match PSNR (dB, higher is better)",
+               f"match to the teacher on {row['teacher_match']['n']} held-out pairs")]
+    if sweep["FixedPoint"]["fd_digits"]:
+        panels.append(("fd_digits", "FD-digits (feature units, lower is better)",
+                       f"sample quality, N = {sweep['fd_samples']} samples"))
+    fig = Figure(figsize=(5.5 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    trained = row.get("train_max_steps", 6)
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        for solver in SOLVERS:
+            ax.plot(sweep["nfe"], sweep[solver][key], "-o", ms=3, label=f"{solver} solver")
+        ax.axvline(trained, color="grey", ls=":", lw=0.8, label=f"trained with {trained} iterations")
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        ax.set_xlabel("fixed-point iterations at inference (NFE of the equilibrium part)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{row['label']}: quality against inference cost")
+    fig.tight_layout()
+    return fig
+
+
+def _log_records(run: str | Path) -> list[dict]:
+    log = Path(run) / "log.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def loss_figure(runs: list, rows: list[dict]) -> Any:
+    """Every run's loss on its output image alone (the last iterate, the image it returns) against
+    the training step: the one training quantity that is the same for a GET and a ViT. (The
+    objective a GET optimises is the fixed-point-corrected sum over its iterates, a different
+    scale; it stays in each run's log.jsonl as ``loss``.)"""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    kinds, missing = set(), []
+    for run, row in zip(runs, rows):
+        recs = _log_records(run)
+        config_path = Path(run) / "config.json"
+        kind = common.load_config(TrainConfig, config_path).loss if config_path.exists() else "l1"
+        points = [(r["step"], r["output_loss"]) for r in recs if "output_loss" in r]  # older logs lack it
+        if not points:
+            missing.append(row["label"])
+            continue
+        kinds.add(kind.upper())
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{row['label']} ({kind.upper()} of its output)")
+    kind = "/".join(sorted(kinds)) or "L1"
+    ax.set_xlabel("training step (optimizer updates)")
+    ax.set_ylabel(f"{kind} of the output image to the teacher's\n(pixel values in [-1, 1], log scale)")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax)
+    ax.set_title("training loss of the output image (same quantity for every model)"
+                 + (f"\nnot logged: {', '.join(missing)}" if missing else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Tick labels of a log y axis as plain numbers ("0.5", not "5 x 10^-1"); within one decade
+    every minor tick is labelled, over more only 2x and 5x the powers of ten."""
+    import math
+
+    from matplotlib import ticker
+
+    low, high = ax.get_ylim()
+    narrow = low > 0 and high / low < 10
+
+    def minor(value: float, _pos: Any) -> str:
+        if value <= 0:
+            return ""
+        lead = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return f"{value:g}" if narrow or lead in (2, 5) else ""
+
+    ax.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
+
+
 def plots(report: dict, runs: list, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     files = []
     for row in report["students"]:
-        sweep = row.get("nfe_sweep")
-        if not sweep:
+        if not row.get("nfe_sweep"):
             continue
-        panels = [("psnr", "teacher-match PSNR (dB)")]
-        if sweep["FixedPoint"]["fd_digits"]:
-            panels.append(("fd_digits", f"FD-digits (N={sweep['fd_samples']})"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        for ax, (key, ylabel) in zip(axes[0], panels):
-            for solver in ("FixedPoint", "Anderson(m=5)"):
-                ax.plot(sweep["nfe"], sweep[solver][key], "-o", ms=3, label=solver)
-            ax.axvline(row.get("train_max_steps", 6), color="grey", ls=":", lw=0.8)
-            ax.set_xlabel("fixed-point iterations (NFE of the equilibrium part)")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"{row['label']}: quality against inference cost")
-        fig.tight_layout()
         name = f"nfe_sweep_{slug(row)}.png"
-        _save_figure(fig, out / name)
-        plt.close(fig)
+        common.save_figure(nfe_sweep_figure(row), out / name)
         files.append(name)
-    # loss curves of every run
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run, row in zip(runs, report["students"]):
-        log = Path(run) / "log.jsonl"
-        if log.exists():
-            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=row["label"])
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (fixed-point corrected L1)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    _save_figure(fig, out / "loss_curves.png")
-    plt.close(fig)
+    common.save_figure(loss_figure(runs, report["students"]), out / "loss_curves.png")
     files.append("loss_curves.png")
     return files
 
@@ -108,6 +159,8 @@ def markdown(report: dict) -> str:
     t = report["teacher"]
     tq = t["quality"]
     lines = ["# GET distillation: evaluation report", ""]
+    if report.get("smoke_test"):
+        lines += [f"> **A smoke test, not results.** {report['smoke_test']}", ""]
     lines += [f"Images {tuple(report['image_shape'])}, classes: {report['num_classes']}. "
               f"Teacher: EDM Heun, {report['teacher_nfe']} NFE. Samples: {tq.get('n', '-')} per model, same seeded noise.", ""]
     lines += ["| model | params | NFE | FD-digits | FD / teacher's | class acc. | teacher PSNR (dB) | images/s | speed-up |",

@@ -199,7 +199,10 @@ def _train(config: TeacherConfig, progress: bool) -> dict[str, Any]:
             checkpoint()
         if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
             grid = _sample_grid(ema, images.shape[1:], num_classes, config.sample_steps, device)
-            common.save_image_grid(grid, out / "samples" / f"step_{step:07d}.png", nrow=10, scale=4)
+            grid_labels = torch.arange(len(grid)) % num_classes if num_classes else None
+            common.save_image_grid(grid, out / "samples" / f"step_{step:07d}.png", nrow=10, labels=grid_labels,
+                                   title=f"teacher (EMA) at step {step}: EDM Heun, "
+                                         f"{sampling.heun_nfe(config.sample_steps)} NFE, fixed noise")
     bar.close()
     if progress and losses:
         print(f"trained {len(losses)} steps in {time.perf_counter() - t0:.1f} s; final loss {losses[-1]:.4f}; "

@@ -220,13 +220,15 @@ def load_batch(dataset: PairDataset, indices: list[int], device: torch.device, c
     return noise, target, labels
 
 
+def output_loss(images: Tensor, target: Tensor, kind: str) -> Tensor:
+    """The regression loss ("l1": mean absolute, "l2": mean squared error) of one batch of images."""
+    diff = images - target
+    return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
+
+
 def distillation_loss(out: models.ModelOutput, target: Tensor, kind: str, gamma: float) -> Tensor:
     """Regression loss on every decoded iterate, weighted gamma^(n-1-i) (fixed-point correction)."""
-    def per_iterate(images: Tensor) -> Tensor:
-        diff = images - target
-        return diff.abs().mean() if kind == "l1" else diff.pow(2).mean()
-
-    return deqkit.fp_correction(per_iterate, out.iterates, gamma=gamma)
+    return deqkit.fp_correction(lambda images: output_loss(images, target, kind), out.iterates, gamma=gamma)
 
 
 def _rng_state() -> dict:
@@ -367,10 +369,13 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
                 kwargs["z0"] = torch.zeros((local, *token_shape), device=device)
         result = net(noise, labels, **kwargs)
         loss = distillation_loss(result, target, config.loss, config.gamma)
-        loss_value = loss.detach()
+        # the loss of the output image alone: the same quantity for a GET (whose objective sums
+        # every iterate) and a ViT, which the report's loss plot compares
+        losses = torch.stack([loss.detach(), output_loss(result.images.detach(), target, config.loss)])
         if dist.world_size > 1:
-            torch.distributed.all_reduce(loss_value)
-            loss_value /= dist.world_size
+            torch.distributed.all_reduce(losses)
+            losses /= dist.world_size
+        loss_value = losses[0]
         if not torch.isfinite(loss_value):  # every rank sees the same mean and stops together
             _diverged(f"step {step + 1}: the loss is {float(loss_value)}", config, ckpt_path, last_saved)
         optimizer.zero_grad(set_to_none=True)
@@ -387,7 +392,7 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
             bar.update(1)
             bar.set_postfix(loss=f"{last:.4f}")
         if dist.is_main and (step % config.log_every == 0 or step == end):
-            record = {"step": step, "loss": last, "lr": lr_at(config, step - 1),
+            record = {"step": step, "loss": last, "output_loss": float(losses[1]), "lr": lr_at(config, step - 1),
                       "seconds": round(time.perf_counter() - t0, 3)}
             if result.stats is not None:
                 residual = float(result.stats.residual.mean())
@@ -397,7 +402,10 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
         if dist.is_main and (step % config.sample_every == 0 or step == end):
             with torch.no_grad():
                 grid = ema(sample_noise, sample_labels).images
-            common.save_image_grid(grid, out / f"samples-{step:07d}.png", nrow=8, scale=4)
+            iterations = f", {config.max_steps} fixed-point iterations" if token_shape is not None else ""
+            common.save_image_grid(grid, out / f"samples-{step:07d}.png", nrow=8, labels=sample_labels,
+                                   title=f"{config.model} (EMA) at step {step}: 1 NFE (one network call"
+                                         f"{iterations}), fixed noise")
         if step % config.ckpt_every == 0 or step == end:
             if not _all_finite(model, ema):  # a finite loss with a non-finite update
                 _diverged(f"step {step}: the weights are no longer finite", config, ckpt_path, last_saved)

@@ -151,3 +151,35 @@ def test_device_cuda_without_cuda_is_one_named_error(sub, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {sub}: --device 'cuda': this torch build or machine has no CUDA device" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+_WAIT_POLICY_PROBE = """
+import os, runpy, subprocess, sys
+import examples.get_distillation
+assert "torch" not in sys.modules, "the package imports torch before __main__ can set OMP_WAIT_POLICY"
+sys.argv = ["get_distillation", "--help"]
+try:
+    runpy.run_module("examples.get_distillation", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+print(os.environ.get("OMP_WAIT_POLICY"), child)
+"""
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_entry_point_sets_a_passive_openmp_wait_policy_unless_the_user_set_one(user_value, expected):
+    # before torch loads, so that it takes effect; inherited by the processes the demo starts
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_value is not None:
+        env["OMP_WAIT_POLICY"] = user_value
+    proc = subprocess.run([sys.executable, "-c", _WAIT_POLICY_PROBE], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == [expected, expected]

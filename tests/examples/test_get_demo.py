@@ -35,6 +35,15 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
     assert "GET-Tiny/4" in text and "ViT-Tiny/4" in text and "teacher (Heun)" in text
+    # at the quick sizes the report says, before anything else, that it is a smoke test
+    assert text.splitlines()[2].startswith("> **A smoke test, not results.**")
+    assert data["smoke_test"] == demo.smoke_test_note(demo.DemoConfig.quick(str(out)))
+    # both students log the loss of their output image, the quantity the loss plot compares
+    for run in ("GET-Tiny_4", "ViT-Tiny_4"):
+        records = [json.loads(line) for line in (out / run / "log.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["output_loss"]) for r in records)
+        if run.startswith("ViT"):  # one iterate: the objective is the output's loss
+            assert all(math.isclose(r["output_loss"], r["loss"], rel_tol=1e-6) for r in records)
     # a rerun reuses every finished stage and reproduces the report's numbers
     again = demo.run(demo.DemoConfig.quick(str(out)), progress=False)
     assert again["students"][0]["teacher_match"] == report["students"][0]["teacher_match"]
@@ -164,3 +173,22 @@ def test_run_labels_are_unique_even_when_folder_names_repeat(tmp_path):
                       "GET-Tiny/4 (other)", "ViT-Tiny/4 (copied)"]
     slugs = [report.slug({"label": label}) for label in labels]
     assert len(set(slugs)) == len(slugs)
+
+
+def test_only_sizes_below_the_full_demo_are_called_a_smoke_test():
+    assert demo.smoke_test_note(demo.DemoConfig()) is None
+    assert demo.smoke_test_note(demo.DemoConfig(student_steps=20000, eval_samples=5000)) is None
+    note = demo.smoke_test_note(demo.DemoConfig(eval_samples=300))
+    assert "eval-samples 300 (full: 1000)" in note and "barely trained" not in note
+    note = demo.smoke_test_note(demo.DemoConfig.quick())
+    assert "teacher-steps 30 (full: 2000)" in note and "barely trained" in note
+    assert "A smoke test" in report_markdown_head(note)
+
+
+def report_markdown_head(note):
+    from examples.get_distillation.report import markdown
+
+    quality = {"n": 1}
+    text = markdown({"smoke_test": note, "teacher": {"quality": quality, "images_per_second": 1.0},
+                     "image_shape": [1, 8, 8], "num_classes": 10, "teacher_nfe": 7, "students": []})
+    return "\n".join(text.splitlines()[:3])
