@@ -66,6 +66,17 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host array as a tensor on ``device``: shared memory on the CPU, an asynchronous copy
+    from pinned memory on CUDA (so it is not a host synchronisation)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _versions(tensors: Sequence[Any]) -> tuple[Optional[int], ...]:
     return tuple(t._version if isinstance(t, Tensor) else None for t in tensors)
 
@@ -120,22 +131,62 @@ class Problem:
                         f"{self._batch}? Pass per-sample values as shape ({self._batch}, 1) (they are sliced with z), "
                         "and shared tensors through f's closure or module."
                     )
+        self._work: Tensor | None = None  # the working rows (global indices), None for the whole batch
+        self._work_inputs = self._inputs  # inputs restricted to the working rows
         self._active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
-        self._idx: Tensor | None = None  # rows still iterating, None when all are
+        self._idx: Tensor | None = None  # positions (in the working rows) still iterating, None when all are
         self.nfev = 0
         self.sample_evals = 0
         self._no_forward_ad = False
+        self._residual: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @property
     def active(self) -> Tensor:
-        """BoolTensor[B]: the samples still iterating."""
+        """BoolTensor over the rows a step sees: the samples still iterating."""
         return self._active
 
     @active.setter
     def active(self, mask: Tensor) -> None:
         self._active = mask
         idx = torch.nonzero(mask).flatten()
-        self._idx = None if idx.numel() == self._batch else idx
+        self._idx = None if idx.numel() == mask.shape[0] else idx
+
+    def set_active(self, mask: np.ndarray) -> None:
+        """The loop's form of the setter: a host mask over the working rows (no device sync)."""
+        self._active = to_device(mask, self._device)
+        self._idx = None if mask.all() else to_device(np.flatnonzero(mask), self._device)
+
+    def compact(self, keep: np.ndarray) -> Tensor:
+        """Shrink the working rows to positions ``keep`` of the current ones; returns them as a
+        device index for the loop to select its own tensors and the solver's state with."""
+        local = to_device(keep, self._device)
+        self._work = local if self._work is None else self._work.index_select(0, local)
+        self._work_inputs = tuple(x.index_select(0, local) if isinstance(x, Tensor) else x for x in self._work_inputs)
+        self._active = torch.ones(keep.size, dtype=torch.bool, device=self._device)
+        self._idx = None
+        return local
+
+    def remember_residual(self, z: Tensor, fz: Tensor, diff: Tensor, norm: Tensor) -> None:
+        self._residual = (z, fz, diff, norm)
+
+    def residual(self, z: Tensor, fz: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f(z) - z, ||f(z) - z||)`` per sample, flattened to (B, d) and (B,), in float32 or
+        better. The loop has usually just computed both for its test of convergence, and then
+        they are reused (no graph); otherwise they are computed here."""
+        dt = torch.promote_types(z.dtype, torch.float32)
+        b = z.shape[0]
+        last = self._residual
+        if last is not None and last[2].dtype == dt and not torch.is_grad_enabled():
+            lz, lfz, diff, norm = last
+            if lz is z and lfz is fz:
+                return diff.reshape(b, -1), norm
+        g = fz.reshape(b, -1).to(dt) - z.reshape(b, -1).to(dt)
+        return g, torch.linalg.vector_norm(g, dim=1)
+
+    @property
+    def work_rows(self) -> Tensor | None:
+        """Rows of the original batch the working tensors hold (None: all, in order)."""
+        return self._work
 
     # -- evaluation -------------------------------------------------------------------------
     def _call(self, z: Tensor, inputs: tuple[Any, ...]) -> Tensor:
@@ -147,17 +198,20 @@ class Problem:
             out = out.detach() if isinstance(out, Tensor) else out
         else:
             out = self._call_f(z, *inputs)
-        if _versions((z, *inputs)) != before:
-            changed = [name for name, a, b in zip(["z"] + [f"inputs[{i}]" for i in range(len(inputs))], before, _versions((z, *inputs))) if a != b]
+        after = _versions((z, *inputs))
+        if after != before:
+            changed = [name for name, a, b in zip(["z"] + [f"inputs[{i}]" for i in range(len(inputs))], before, after) if a != b]
             raise ValueError(
                 f"f changed its argument(s) {changed} in place (e.g. z.mul_(...)); the solver keeps and "
                 "reuses its iterates, so f must compute its result out of place (z * 0.5, not z.mul_(0.5))"
             )
-        return self._check(out, z)
-
-    def _check(self, out: Any, z: Tensor) -> Tensor:
         if not isinstance(out, Tensor):
             raise TypeError(f"f must return a Tensor, got {type(out).__name__}")
+        if out.shape != z.shape or out.dtype != self._dtype or out.device != self._device:
+            return self._check(out, z)
+        return out
+
+    def _check(self, out: Tensor, z: Tensor) -> Tensor:
         if out.shape != z.shape:  # under the active set, evaluate() adds a note on inputs=
             raise ValueError(
                 f"f must return a tensor of the same shape as z: f(z) has shape "
@@ -173,34 +227,41 @@ class Problem:
                     f"f must return z0's dtype: f(z) is {out.dtype}, z0 is {self._dtype} "
                     "(under autocast the output is cast back automatically)"
                 )
-        return cast(Tensor, out)
+        return out
 
     def f(self, z: Tensor) -> Tensor:
-        """One counted call of the map on the whole batch."""
+        """One counted call of the map on the working rows (the whole batch unless the active
+        set has compacted it)."""
         self.nfev += 1
         self.sample_evals += z.shape[0]
-        return self._call(z, self._inputs)
+        if self._work is None:
+            return self._call(z, self._inputs)
+        return self._call_rows(z, self._work_inputs, self._work)
 
     def evaluate(self, z: Tensor, previous: Tensor | None) -> Tensor:
         """f(z) for the active samples; stopped samples keep ``previous`` (active set only)."""
         idx = self._idx
         if not self.active_set or previous is None or idx is None:
             return self.f(z)
-        n_active = idx.numel()
-        inputs = tuple(x.index_select(0, idx) if isinstance(x, Tensor) else x for x in self._inputs)
+        inputs = tuple(x.index_select(0, idx) if isinstance(x, Tensor) else x for x in self._work_inputs)
+        rows = idx if self._work is None else self._work.index_select(0, idx)
         self.nfev += 1
-        self.sample_evals += n_active
-        with rows_scope(idx):
+        self.sample_evals += idx.numel()
+        return previous.index_copy(0, idx, self._call_rows(z.index_select(0, idx), inputs, rows))
+
+    def _call_rows(self, z: Tensor, inputs: tuple[Any, ...], rows: Tensor) -> Tensor:
+        """f on some rows of the batch (active set): the rows are visible to f through
+        ``deqkit``'s context, and f's exceptions say where they happened."""
+        with rows_scope(rows):
             try:
-                out = self._call(z.index_select(0, idx), inputs)
+                return self._call(z, inputs)
             except Exception as err:  # f's own exception, type unchanged, with where it happened
                 if hasattr(err, "add_note"):
                     err.add_note(
-                        f"deqkit: raised by f called on {n_active} of {self._batch} samples (active_set=True); "
+                        f"deqkit: raised by f called on {rows.numel()} of {self._batch} samples (active_set=True); "
                         "f must treat samples independently, with per-sample inputs passed through inputs=."
                     )
                 raise
-        return previous.index_copy(0, idx, out)
 
     def jvp(self, z: Tensor, v: Tensor, fz: Tensor | None = None, method: str = "auto") -> Tensor:
         """``J_f(z) v``, counted as one evaluation of f.
@@ -213,11 +274,12 @@ class Problem:
         if method in ("auto", "forward") and not self._no_forward_ad:
             self.nfev += 1
             self.sample_evals += z.shape[0]
-            inputs = self._inputs
+            inputs = self._work_inputs
             try:
                 with warnings.catch_warnings():  # torch's own first-use notice in forward AD
                     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
-                    _, tangent = torch.func.jvp(lambda u: self._f(u, *inputs), (z,), (v.to(z.dtype),))[:2]
+                    with rows_scope(self._work):
+                        _, tangent = torch.func.jvp(lambda u: self._f(u, *inputs), (z,), (v.to(z.dtype),))[:2]
                 return cast(Tensor, tangent).to(self._dtype)
             except (NotImplementedError, RuntimeError) as err:
                 if method == "forward" or "forward AD" not in str(err) and "forward-mode" not in str(err).lower():
@@ -251,101 +313,199 @@ class LoopOutput:
     sample_evals: int
 
 
+# With the active set, the working tensors (iterates, best iterates, the solver's state) are
+# compacted to the samples still iterating once at most this fraction of them is: each
+# compaction copies the working rows, so it is done O(log B) times, not once per stop.
+COMPACT_AT = 0.75
+
+
 def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) -> LoopOutput:
     """Run ``solver`` from ``z0`` until every sample has stopped or ``max_steps`` have run.
 
     Per-sample bookkeeping (status, steps, best residual, trace) lives in small host-side
-    numpy arrays: one device-to-host copy of the residual per iteration (the stopping decision
-    needs it anyway) replaces a few dozen tiny tensor operations.
+    numpy arrays: one device-to-host copy of the residual norms per test of convergence (every
+    ``check_every`` iterations; the stopping decision needs them anyway) replaces a few dozen
+    tiny tensor operations, and nothing else in the loop waits for the device.
+
+    With ``active_set=True`` stopped samples are not evaluated; when the solver can restrict its
+    state to a subset of the batch (a ``select(state, rows)`` method, which deqkit's solvers
+    have), the working tensors are compacted to the samples still iterating, so the solver's
+    steps shrink with them.
     """
     tol, stop_mode, max_steps, divergence = options.tol, options.stop_mode, options.max_steps, options.divergence
-    fixed = options.fixed_steps
+    fixed, every = options.fixed_steps, options.check_every
     batch = z0.shape[0]
     device = z0.device
+    res_dtype = torch.promote_types(z0.dtype, torch.float32)
+    compactable = problem.active_set and callable(getattr(solver, "select", None))
     z = z0
     fz = problem.evaluate(z, None)
     state = solver.init(z, fz, problem)
 
+    # Host records. Until a compaction the working rows are the whole batch; after one, the
+    # arrays below cover the working rows only and the whole-batch ones hold the rest.
     status = np.full(batch, _RUNNING, dtype=np.int64)
     steps = np.zeros(batch, dtype=np.int64)
     best_res = np.full(batch, np.inf)
-    diverged_above = None
+    res = np.full(batch, np.inf)
+    active = np.ones(batch, dtype=bool)
+    all_active = True  # no sample has stopped yet
+    diverged_above: np.ndarray | None = None
+    work: np.ndarray | None = None  # global index of each working row; None: all, in order
+    whole: dict[str, np.ndarray] = {}  # whole-batch status, steps, best_res, final
     best_z, best_fz = z, fz
+    out_z: Tensor | None = None  # whole-batch best iterates, once a compaction has happened
+    out_fz: Tensor | None = None
+    frozen: tuple[Tensor, Tensor] | None = None  # whole-batch iterates for the trajectory
     trace: list[np.ndarray] = []
     kept: collections.deque[tuple[Tensor, Tensor]] = collections.deque(maxlen=options.trajectory)
-    active = np.ones(batch, dtype=bool)
-    res_dtype = torch.promote_types(z0.dtype, torch.float32)
 
-    def device_mask(mask: np.ndarray) -> Tensor:
-        return torch.from_numpy(mask).to(device)
+    def to_whole() -> None:
+        """Write the working rows' records into the whole-batch ones."""
+        final = np.where(np.isfinite(best_res), best_res, res)
+        if work is None:
+            whole.update(status=status.copy(), steps=steps.copy(), best_res=best_res.copy(), final=final)
+        else:
+            for key, value in (("status", status), ("steps", steps), ("best_res", best_res), ("final", final)):
+                whole[key][work] = value
+
+    def full(t: Tensor, base: Tensor) -> Tensor:
+        """A working tensor spread over the whole batch, rows outside it taken from ``base``."""
+        rows = problem.work_rows
+        return t if rows is None else base.index_copy(0, rows, t)
 
     for it in range(1, max_steps + 1):
+        if all_active:
+            steps += 1
+        else:
+            steps += active
+        if it % every and it < max_steps:  # not a test of convergence: iterate on
+            z_next, state = solver.step(z, fz, state, problem)
+            _check_step(solver, z_next, z)
+            z = z_next if active.all() else torch.where(_rows(problem.active, z), z_next, z)
+            fz = problem.evaluate(z, fz)
+            continue
+
         # one device-to-host copy: absolute residual and size of f(z), per sample
-        with torch.no_grad():
-            pair = torch.stack([_flat_norm(fz - z, res_dtype), _flat_norm(fz, res_dtype)])
-        diff, size = pair.cpu().numpy().astype(np.float64)
-        if not (np.isfinite(diff).all() and np.isfinite(size).all()):  # overflow, or a NaN/Inf in f(z)
+        diff, size = _norms(problem, z, fz, res_dtype)
+        if not np.isfinite(diff + size).all():  # overflow, or a NaN/Inf in f(z)
             diff, size = torch.stack([scaled_norm(fz - z), scaled_norm(fz)]).cpu().numpy().astype(np.float64)
         res = diff if stop_mode == "abs" else diff / (size + 1e-9)
-        steps += active
-        finite = np.isfinite(res)
-        trace.append(np.where(active, res, best_res))  # stopped samples keep their best value
-
-        # with a fixed number of steps the last finite iterate is kept, else the lowest residual
-        improved = active & finite & (True if fixed else res < best_res)
-        if improved.all():  # the common case costs no copy
-            best_z, best_fz = z, fz
-        elif improved.any():
-            rows = _rows(device_mask(improved), z)
-            best_z = torch.where(rows, z, best_z)
-            best_fz = torch.where(rows, fz, best_fz)
-        best_res = np.where(improved, res, best_res)
-
         if diverged_above is None and divergence is not None:  # from the first residual
             diverged_above = divergence * np.maximum(np.where(np.isfinite(diff), diff, 0.0), np.finfo(np.float64).tiny)
-        new_status = np.full(batch, _RUNNING) if fixed else np.where(res <= tol, _SUCCESS, _RUNNING)
-        if divergence is not None:  # judged on the absolute residual in either stop_mode
-            new_status = np.where(diff > diverged_above, _DIVERGED, new_status)
-        new_status = np.where(finite, new_status, _NONFINITE)
-        status = np.where(active, new_status, status)
-        if kept.maxlen:
-            kept.append((z, fz))
 
-        bad = active & (status >= _DIVERGED)
-        now_active = status == _RUNNING
-        changed = not np.array_equal(now_active, active)
-        active = now_active
-        if changed:
-            problem.active = device_mask(active)
-        if not active.any() or it == max_steps:
-            break
-        if bad.any():  # a failed sample rests at its best iterate, so it cannot spread NaN
-            rows = _rows(device_mask(bad), z)
-            z = torch.where(rows, best_z, z)
-            fz = torch.where(rows, best_fz, fz)
+        # running: finite, not converged, not diverged (NaN compares False throughout)
+        running = np.isfinite(res) if tol is None else res > tol
+        if diverged_above is not None:
+            running &= diff <= diverged_above
+        if work is None and all_active and running.all():  # fast path: every sample was and stays running
+            trace.append(res)
+            improved = running if fixed else res < best_res
+            if improved.all():
+                best_z, best_fz, best_res = z, fz, res
+            else:
+                best_z, best_fz, best_res = _keep_best(improved, z, fz, best_z, best_fz, res, best_res)
+            if kept.maxlen:
+                kept.append((z, fz))
+            if it == max_steps:
+                break
+        else:
+            finite = np.isfinite(res)
+            entry = np.where(active, res, best_res)  # stopped samples keep their best value
+            if work is not None:  # rows compacted away keep their last entry
+                spread = trace[-1].copy()
+                spread[work] = entry
+                entry = spread
+            trace.append(entry)
+            # with a fixed number of steps the last finite iterate is kept, else the lowest residual
+            improved = active & finite & (True if fixed else res < best_res)
+            if improved.all():
+                best_z, best_fz, best_res = z, fz, res
+            elif improved.any():
+                best_z, best_fz, best_res = _keep_best(improved, z, fz, best_z, best_fz, res, best_res)
+            new_status = np.where(running, _RUNNING, np.where(finite, _SUCCESS, _NONFINITE))
+            if diverged_above is not None:  # judged on the absolute residual in either stop_mode
+                new_status = np.where(finite & ~running & (diff > diverged_above), _DIVERGED, new_status)
+            status = np.where(active, new_status, status)
+            if kept.maxlen:
+                kept.append((z, fz) if frozen is None else (full(z, frozen[0]), full(fz, frozen[1])))
+
+            bad = active & (status >= _DIVERGED)
+            now_active = status == _RUNNING
+            if not now_active.any() or it == max_steps:
+                break
+            if bad.any():  # a failed sample rests at its best iterate, so it cannot spread NaN
+                rows = _rows(to_device(bad, device), z)
+                z = torch.where(rows, best_z, z)
+                fz = torch.where(rows, best_fz, fz)
+            if not np.array_equal(now_active, active):
+                active, all_active = now_active, False
+                if compactable and active.sum() <= COMPACT_AT * active.size:
+                    # compact: record the working rows, then keep only those still iterating
+                    if kept.maxlen:
+                        frozen = (z, fz) if frozen is None else (full(z, frozen[0]), full(fz, frozen[1]))
+                    out_z = best_z if out_z is None else full(best_z, out_z)
+                    out_fz = best_fz if out_fz is None else full(best_fz, out_fz)
+                    to_whole()
+                    keep = np.flatnonzero(active)
+                    local = problem.compact(keep)
+                    z, fz, best_z, best_fz = (t.index_select(0, local) for t in (z, fz, best_z, best_fz))
+                    state = solver.select(state, local)
+                    status, steps, best_res, res, active = status[keep], steps[keep], best_res[keep], res[keep], active[keep]
+                    if diverged_above is not None:
+                        diverged_above = diverged_above[keep]
+                    work = keep if work is None else work[keep]
+                else:
+                    problem.set_active(active)
 
         z_next, state = solver.step(z, fz, state, problem)
-        if z_next.shape != z.shape or z_next.dtype != z.dtype:
-            raise RuntimeError(
-                f"solver {solver!r} returned an iterate of shape {tuple(z_next.shape)} and dtype "
-                f"{z_next.dtype}; expected {tuple(z.shape)} and {z.dtype}"
-            )
+        _check_step(solver, z_next, z)
         z = z_next if active.all() else torch.where(_rows(problem.active, z), z_next, z)
         fz = problem.evaluate(z, fz)
 
     status = np.where(status == _RUNNING, _SUCCESS if fixed else _MAX_STEPS, status)
-    final = np.where(np.isfinite(best_res), best_res, res)
+    to_whole()
+    if out_z is not None and out_fz is not None:
+        best_z, best_fz = full(best_z, out_z), full(best_fz, out_fz)
     return LoopOutput(
         best_z=best_z,
         best_fz=best_fz,
-        residual=torch.from_numpy(final).to(device=device, dtype=res_dtype),
-        status=torch.from_numpy(status).to(device),
-        steps=torch.from_numpy(steps).to(device),
+        residual=torch.from_numpy(whole["final"]).to(device=device, dtype=res_dtype),
+        status=torch.from_numpy(whole["status"]).to(device),
+        steps=torch.from_numpy(whole["steps"]).to(device),
         trace=torch.from_numpy(np.stack(trace, axis=1)).to(device=device, dtype=res_dtype),
         trajectory=tuple(kept),
         nfev=problem.nfev,
         sample_evals=problem.sample_evals,
     )
+
+
+def _norms(problem: Problem, z: Tensor, fz: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample ``||f(z) - z||`` and ``||f(z)||`` on the host, in float64: the loop's one wait
+    for the device per test of convergence. The residual and its norms are left with the
+    problem for the solver's next step (``Problem.residual``). No graph."""
+    if torch.is_grad_enabled():
+        z, fz = z.detach(), fz.detach()
+    diff = fz - z
+    pair = torch.stack([_flat_norm(diff, dtype), _flat_norm(fz, dtype)])
+    problem.remember_residual(z, fz, diff, pair[0])
+    host = pair.cpu().numpy()
+    return host[0].astype(np.float64), host[1].astype(np.float64)
+
+
+def _keep_best(improved: np.ndarray, z: Tensor, fz: Tensor, best_z: Tensor, best_fz: Tensor, res: np.ndarray,
+               best_res: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Each sample's best iterate: the current one where ``improved``, else the one before."""
+    rows = _rows(to_device(improved, z.device), z)
+    return torch.where(rows, z, best_z), torch.where(rows, fz, best_fz), np.where(improved, res, best_res)
+
+
+def _check_step(solver: Any, z_next: Tensor, z: Tensor) -> None:
+    if z_next.shape != z.shape or z_next.dtype != z.dtype:
+        raise RuntimeError(
+            f"solver {solver!r} returned an iterate of shape {tuple(z_next.shape)} and dtype "
+            f"{z_next.dtype}; expected {tuple(z.shape)} and {z.dtype}"
+        )
 
 
 def run_solver(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) -> LoopOutput:

@@ -8,11 +8,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._backward import AbstractBackward, Implicit
+from ._backward import AbstractBackward
 from ._options import SolveOptions, check_backward, check_solver
 from ._result import Solution, SolveError
-from ._solve import _check_start, solve
-from .solvers import Anderson
+from ._solve import _DEFAULT_BACKWARD, _DEFAULT_SOLVER, _check_start, solve
 
 _INITS = ("zeros", "randn")
 
@@ -35,6 +34,7 @@ class DEQ(nn.Module):
         active_set: call the cell only on samples still iterating (no batch coupling).
         divergence: the DIVERGED threshold factor, as in ``fixed_point``.
         trajectory: number of iterates kept for deep supervision.
+        check_every: test convergence every this many iterations, as in ``fixed_point``.
         throw: raise ``SolveError`` on NONFINITE/DIVERGED.
         init: the starting point when ``forward`` gets none: "zeros" or "randn" (both
             shaped like the first input), or a callable ``init(*inputs) -> Tensor``.
@@ -67,6 +67,7 @@ class DEQ(nn.Module):
         active_set: bool = False,
         divergence: Optional[float] = 1e4,
         trajectory: int = 0,
+        check_every: int = 1,
         throw: bool = True,
         init: Union[str, Callable[..., Tensor]] = "zeros",
     ):
@@ -86,7 +87,7 @@ class DEQ(nn.Module):
         # checked now, not at the first forward
         self.options = SolveOptions(
             tol=tol, stop_mode=stop_mode, max_steps=max_steps, active_set=active_set,
-            divergence=divergence, trajectory=trajectory, throw=throw,
+            divergence=divergence, trajectory=trajectory, check_every=check_every, throw=throw,
         )
 
     def extra_repr(self) -> str:
@@ -109,8 +110,8 @@ class DEQ(nn.Module):
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)} + solver, backward")
         solver = overrides.pop("solver", self.solver)
         backward = overrides.pop("backward", self.backward)
-        solver = Anderson() if solver is None else solver
-        backward = Implicit() if backward is None else backward
+        solver = _DEFAULT_SOLVER if solver is None else solver
+        backward = _DEFAULT_BACKWARD if backward is None else backward
         check_solver(solver)
         check_backward(backward)
         options = dataclasses.replace(self.options, **overrides) if overrides else self.options

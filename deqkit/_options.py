@@ -56,6 +56,12 @@ class SolveOptions:
         divergence: a sample whose absolute residual grows past this factor times its first
             value stops with DIVERGED (a number > 1), or ``None`` for never.
         trajectory: how many of the last iterates' images to keep, >= 0.
+        check_every: test convergence every this many iterations (an integer >= 1). Each test
+            copies the residual norms to the host, the loop's one synchronisation with the
+            device; on accelerators where that wait is costly, a larger value lets the device
+            run ahead. A sample then stops at the first tested iteration at or below ``tol``
+            (up to ``check_every - 1`` iterations late) and its best iterate is chosen among the
+            tested ones; the trace still has every iteration's residual.
         throw: raise ``SolveError`` on NONFINITE or DIVERGED.
         throw_on_max_steps: also raise on MAX_STEPS.
     """
@@ -66,6 +72,7 @@ class SolveOptions:
     active_set: bool = False
     divergence: Optional[float] = 1e4
     trajectory: int = 0
+    check_every: int = 1
     throw: bool = True
     throw_on_max_steps: bool = False
 
@@ -90,6 +97,8 @@ class SolveOptions:
             raise ValueError(f"divergence must be a number > 1, or None to never stop on divergence, got {self.divergence!r}")
         if isinstance(self.trajectory, bool) or not isinstance(self.trajectory, int) or self.trajectory < 0:
             raise ValueError(f"trajectory must be an integer >= 0, got {self.trajectory!r}")
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"check_every must be an integer >= 1 (test convergence every k iterations), got {self.check_every!r}")
         for name in ("active_set", "throw", "throw_on_max_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -17,6 +17,10 @@ from ._result import BackwardLog, Result, Solution, SolveError, Stats, describe_
 from .solvers import Anderson
 
 
+_DEFAULT_SOLVER = Anderson()  # immutable records, shared by every call that takes the defaults
+_DEFAULT_BACKWARD = Implicit()
+
+
 def _check_start(z0: Any) -> None:
     if not isinstance(z0, Tensor):
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
@@ -30,7 +34,13 @@ def _check_start(z0: Any) -> None:
         raise ValueError(f"z0 must have a non-empty batch dimension first, got shape {tuple(z0.shape)}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-    if not bool(torch.isfinite(z0).all()):
+    # A non-finite z0 is refused after the solve (see _solve): any NaN or Inf in it makes its
+    # sample's first residual non-finite, so checking there costs no pass over z0 and no wait
+    # for the device in the common case.
+
+
+def _refuse_a_non_finite_start(z0: Tensor, status: Tensor) -> None:
+    if bool((status == Result.NONFINITE).any()) and not bool(torch.isfinite(z0).all()):
         raise ValueError("z0 contains NaN or Inf; start the solve from a finite tensor")
 
 
@@ -58,6 +68,7 @@ def fixed_point(
     active_set: bool = False,
     divergence: float | None = 1e4,
     trajectory: int = 0,
+    check_every: int = 1,
     throw: bool = True,
     throw_on_max_steps: bool = False,
 ) -> Solution:
@@ -91,6 +102,9 @@ def fixed_point(
         trajectory: keep the images ``f(z_k)`` of the last ``trajectory`` iterates in
             ``Solution.trajectory`` (oldest first), each with the backward mode's gradient at
             its own iterate (deep supervision / fixed-point correction).
+        check_every: test convergence every this many iterations (default every one). Each
+            test is one wait for the device (the residual norms go to the host); on a GPU a
+            larger value lets it run ahead, at up to ``check_every - 1`` extra iterations.
         throw: raise ``SolveError`` on NONFINITE or DIVERGED (else return the code).
         throw_on_max_steps: also raise when a sample ends with MAX_STEPS.
 
@@ -105,8 +119,8 @@ def fixed_point(
         >>> sol.result.name, sol.value.shape, bool(sol.stats.converged.all())
         ('SUCCESS', torch.Size([8, 4]), True)
     """
-    solver = Anderson() if solver is None else solver
-    backward = Implicit() if backward is None else backward
+    solver = _DEFAULT_SOLVER if solver is None else solver
+    backward = _DEFAULT_BACKWARD if backward is None else backward
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     _check_start(z0)
@@ -116,7 +130,7 @@ def fixed_point(
         raise TypeError(f"inputs must be a tuple of f's extra arguments, e.g. inputs=(x,), got {type(inputs).__name__}")
     options = SolveOptions(
         tol=tol, stop_mode=stop_mode, max_steps=max_steps, active_set=active_set, divergence=divergence,
-        trajectory=trajectory, throw=throw, throw_on_max_steps=throw_on_max_steps,
+        trajectory=trajectory, check_every=check_every, throw=throw, throw_on_max_steps=throw_on_max_steps,
     )
     return solve(f, z0, tuple(inputs), solver, backward, options)
 
@@ -143,6 +157,7 @@ def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver
     with parametrize.cached():
         with contextlib.nullcontext() if record else torch.no_grad():
             out = run_solver(solver, problem, z0 if record else z0.detach(), options)
+        _refuse_a_non_finite_start(z0, out.status)
         value = out.best_fz
         kept = tuple(fz for _, fz in out.trajectory)
         nfev, sample_evals = out.nfev, out.sample_evals

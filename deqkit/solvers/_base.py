@@ -35,7 +35,7 @@ class AbstractSolver(abc.ABC):
     Steps must not modify ``z``, ``fz`` or tensors of earlier states in place, and must be
     written with out-of-place operations wherever autograd may see them (``Unrolled``).
 
-    Two optional parts of the protocol:
+    Three optional parts of the protocol:
 
     * ``differentiable`` (class attribute, default True): False when ``Unrolled`` cannot
       differentiate through the steps; ``why_not_differentiable`` then says why, and the solve
@@ -43,6 +43,11 @@ class AbstractSolver(abc.ABC):
     * ``run(problem, z0, options) -> LoopOutput``: a solver with a loop of its own (such as
       ``TorchDEQSolver``) implements this hook instead of ``step``; the solve calls it in place
       of the shared loop and reads the same record back.
+    * ``select(state, rows) -> state``: the state of the samples at positions ``rows`` (a
+      LongTensor into the current batch), in that order. With ``active_set=True`` the loop then
+      compacts its working tensors to the samples still iterating, so steps shrink with them;
+      a solver without it steps over the whole batch, and only f is evaluated on the active
+      rows. deqkit's solvers have it.
     """
 
     differentiable: ClassVar[bool] = True
@@ -54,6 +59,11 @@ class AbstractSolver(abc.ABC):
     @abc.abstractmethod
     def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         """Return the next iterate for the whole batch and the new state."""
+
+
+def select_rows(state: tuple[Any, ...], rows: Tensor) -> Any:
+    """``select`` for a NamedTuple state whose tensor fields are all per-sample (batch first)."""
+    return type(state)(*(x.index_select(0, rows) if isinstance(x, Tensor) else x for x in state))
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._base import AbstractSolver, batched_dot, check_positive_int, combine, rows_dot, work_dtype
+from ._base import select_rows, AbstractSolver, batched_dot, check_positive_int, combine, rows_dot, work_dtype
 from ._anderson import _write
 
 
@@ -56,6 +56,9 @@ class Broyden(AbstractSolver):
 
     def init(self, z: Tensor, fz: Tensor, problem: Any) -> Optional[BroydenState]:
         return None
+
+    def select(self, state: Optional[BroydenState], rows: Tensor) -> Optional[BroydenState]:
+        return None if state is None else select_rows(state, rows)
 
     def step(self, z: Tensor, fz: Tensor, state: Optional[BroydenState], problem: Any) -> tuple[Tensor, Any]:
         b = z.shape[0]

@@ -34,6 +34,9 @@ class FixedPoint(AbstractSolver):
     def __post_init__(self) -> None:
         check_unit_interval("damping", self.damping)
 
+    def select(self, state: Any, rows: Tensor) -> Any:
+        return state  # no state
+
     def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         if self.damping == 1.0:
             return fz, state

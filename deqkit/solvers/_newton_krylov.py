@@ -67,6 +67,9 @@ class NewtonKrylov(AbstractSolver):
         check_positive("krylov_rtol", self.krylov_rtol)
         check_unit_interval("damping", self.damping)
 
+    def select(self, state: Any, rows: Tensor) -> Any:
+        return state  # no state
+
     def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         b = z.shape[0]
         dt = work_dtype(z.dtype)
