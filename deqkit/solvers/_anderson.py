@@ -15,7 +15,6 @@ from ._base import select_rows, AbstractSolver, check_positive, check_positive_i
 class AndersonState(NamedTuple):
     f: Tensor        # (B, m, d) past images f(x_i)
     g: Tensor        # (B, m, d) past residuals g_i = f(x_i) - x_i
-    gram: Tensor     # (B, m, m) g g^T
     valid: Tensor    # (B, m) 1.0 for slots in use, per sample, else 0.0
     best: Tensor     # (B,) smallest residual norm seen since the last restart
     n_steps: int     # steps taken (the next slot is n_steps % m)
@@ -93,7 +92,6 @@ class Anderson(AbstractSolver):
         return AndersonState(
             f=z.new_zeros((b, self.m, d), dtype=dt),
             g=z.new_zeros((b, self.m, d), dtype=dt),
-            gram=z.new_zeros((b, self.m, self.m), dtype=dt),
             valid=z.new_zeros((b, self.m), dtype=dt),
             best=torch.full((b,), float("inf"), dtype=dt, device=z.device),
             n_steps=0,
@@ -126,23 +124,24 @@ class Anderson(AbstractSolver):
 
         fs = _write(state.f, slot, fx, 1, inplace)
         gs = _write(state.g, slot, g, 1, inplace)
-        row = torch.bmm(g.unsqueeze(1), gs.transpose(1, 2)).squeeze(1)  # new row/column of g g^T
-        gram = _write(state.gram, slot, row, 1, inplace)
-        gram = _write(gram, slot, row, 2, inplace)
+        # g g^T whole: one product that reads the history once, as the new row alone would
+        gram = torch.bmm(gs, gs.transpose(1, 2))
 
-        alpha, failed = self._weights(gram, valid)
-        # A failed solve (NaN weights): take a plain step (weight 1 on the newest slot) and restart.
-        alpha = torch.where(failed, onehot, alpha)
-        valid = torch.where(failed, onehot, valid)
+        sol, total = self._weights(gram, valid)
+        # A failed solve (non-finite weights): take a plain step (weight 1 on the newest slot)
+        # and restart.
+        ok = torch.isfinite(total)
+        alpha = torch.where(ok, sol / total, onehot)
+        valid = torch.where(ok, valid, onehot)
         z_next = combine(alpha, fs)  # sum_i alpha_i f(x_i) = sum_i alpha_i (x_i + g_i)
         if self.beta != 1.0:
             z_next = z_next - (1 - self.beta) * combine(alpha, gs)
-        state = AndersonState(fs, gs, gram, valid, best, state.n_steps + 1)
+        state = AndersonState(fs, gs, valid, best, state.n_steps + 1)
         return z_next.reshape(z.shape).to(z.dtype), state
 
     def _weights(self, gram: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha = H^-1 1 / (1^T H^-1 1) over the valid slots, with H regularised as below, and
-        a (B, 1) mask of the samples whose solve failed (non-finite weights).
+        """``(y, 1^T y)`` with ``y = H^-1 1`` over the valid slots, H regularised as below: the
+        weights are ``alpha = y / 1^T y`` (the caller checks that the sum is finite).
 
         H is scaled to unit diagonal (Jacobi) before ``lam`` is added, so the regularisation is
         relative to each residual's own size: it never swamps the small, recent residuals
@@ -151,9 +150,8 @@ class Anderson(AbstractSolver):
         """
         tiny = torch.finfo(gram.dtype).tiny ** 0.5
         d = valid * torch.diagonal(gram, dim1=1, dim2=2).clamp_min(tiny).rsqrt()  # D^-1/2
-        h = gram * (d.unsqueeze(2) * d.unsqueeze(1))
-        h = h + torch.diag_embed(torch.where(valid > 0, self.lam, 1.0))
+        h = gram * (d.unsqueeze(2) * d.unsqueeze(1))  # unit diagonal on the valid slots, 0 elsewhere
+        h.diagonal(dim1=1, dim2=2).add_(valid.mul(self.lam - 1).add_(1))  # + lam there, + 1 elsewhere
         y, _ = torch.linalg.solve_ex(h, d.unsqueeze(2))
         sol: Tensor = y.squeeze(2) * d
-        total = sol.sum(dim=1, keepdim=True)
-        return sol / total, ~torch.isfinite(total)
+        return sol, sol.sum(dim=1, keepdim=True)

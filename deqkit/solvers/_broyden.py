@@ -64,7 +64,8 @@ class Broyden(AbstractSolver):
         b = z.shape[0]
         dt = work_dtype(z.dtype)
         x = z.reshape(b, -1).to(dt)
-        g = fz.reshape(b, -1).to(dt) - x
+        residual = getattr(problem, "residual", None)  # the loop's own f(z) - z, when it has it
+        g = residual(z, fz)[0] if callable(residual) else fz.reshape(b, -1).to(dt) - x
         if state is None:  # J^-1 = -I: the first step is a plain fixed-point step
             u = x.new_zeros((b, self.memory, x.shape[1]))
             vt = torch.zeros_like(u)
