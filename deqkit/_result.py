@@ -95,7 +95,8 @@ class Stats:
     status: Tensor
     """LongTensor[B]: each sample's ``Result`` code."""
     trace: Tensor
-    """Tensor[B, T]: residual after each iteration; after a sample stops, its best residual."""
+    """Tensor[B, T]: residual at each test of convergence (every iteration by default; with
+    ``check_every=k`` every k-th and the last); after a sample stops, its best residual."""
     stop_mode: str
     """"rel" or "abs": the norm ``residual`` and ``trace`` are in."""
     tol: Optional[float]

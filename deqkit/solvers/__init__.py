@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ._anderson import Anderson, AndersonState
-from ._base import AbstractSolver, SolverLike
+from ._base import AbstractSolver, SolverLike, select_rows
 from ._broyden import Broyden, BroydenState
 from ._fixed_point import FixedPoint
 from ._newton_krylov import NewtonKrylov
@@ -69,6 +69,7 @@ register("torchdeq_broyden", _torchdeq("broyden"))
 register("torchdeq_fixed_point_iter", _torchdeq("fixed_point_iter"))
 
 __all__ = [
+    "select_rows",
     "AbstractSolver",
     "Anderson",
     "AndersonState",

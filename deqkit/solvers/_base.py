@@ -62,7 +62,19 @@ class AbstractSolver(abc.ABC):
 
 
 def select_rows(state: tuple[Any, ...], rows: Tensor) -> Any:
-    """``select`` for a NamedTuple state whose tensor fields are all per-sample (batch first)."""
+    """A solver's ``select`` for a NamedTuple state whose tensor fields are all per-sample
+    (batch first): each tensor indexed by ``rows`` along dim 0, other fields kept.
+
+    Example:
+        >>> import torch
+        >>> from typing import NamedTuple
+        >>> class State(NamedTuple):
+        ...     memory: torch.Tensor
+        ...     count: int
+        >>> select_rows(State(torch.arange(6).reshape(3, 2), 7), torch.tensor([2, 0]))
+        State(memory=tensor([[4, 5],
+                [0, 1]]), count=7)
+    """
     return type(state)(*(x.index_select(0, rows) if isinstance(x, Tensor) else x for x in state))
 
 
