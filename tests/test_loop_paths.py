@@ -240,3 +240,34 @@ def test_the_active_set_adds_no_synchronisation():
                                      max_steps=400, active_set=active_set)
         iterations = sol.stats.nfev - 1
         assert sum(counter.counts.values()) <= iterations + 8, counter.counts
+
+
+# -- the safeguards the fast paths must keep ---------------------------------------------------
+
+
+def test_anderson_takes_a_plain_step_and_restarts_when_its_least_squares_overflows():
+    # sample 0's stored residuals are ~1e20 (float32): g g^T overflows and the solve gives NaN;
+    # sample 1 is ordinary. The step falls back to f(z) for sample 0 and forgets its memory.
+    solver = deqkit.Anderson(m=3)
+    z = torch.zeros(2, 4)
+    state = solver.init(z, z, None)
+    big = torch.tensor([[1e20] * 4, [1.0] * 4])
+    for k in range(2):  # two stored residuals
+        fz = z + big / (k + 1)
+        z, state = solver.step(z, fz, state, None)
+    fz = z + big / 3
+    z_next, state = solver.step(z, fz, state, None)
+    assert torch.isfinite(z_next).all()
+    assert torch.equal(z_next[0], fz[0])  # the plain step
+    slot = 2  # the third step writes slot 2
+    assert state.valid[0].tolist() == [1.0 if i == slot else 0.0 for i in range(3)]
+    assert state.valid[1].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_sample_with_no_finite_residual_reports_nan_not_inf():
+    def f(z):
+        return torch.cat([z[:1] * float("nan"), 0.5 * z[1:] + 1])
+
+    sol = solve(f, torch.zeros(2, 3), solver=deqkit.Anderson(m=3), tol=1e-8, max_steps=50, throw=False)
+    assert sol.stats.status.tolist() == [int(deqkit.Result.NONFINITE), int(deqkit.Result.SUCCESS)]
+    assert math.isnan(float(sol.stats.residual[0])) and float(sol.stats.residual[1]) <= 1e-8
