@@ -271,3 +271,24 @@ def test_a_sample_with_no_finite_residual_reports_nan_not_inf():
     sol = solve(f, torch.zeros(2, 3), solver=deqkit.Anderson(m=3), tol=1e-8, max_steps=50, throw=False)
     assert sol.stats.status.tolist() == [int(deqkit.Result.NONFINITE), int(deqkit.Result.SUCCESS)]
     assert math.isnan(float(sol.stats.residual[0])) and float(sol.stats.residual[1]) <= 1e-8
+
+
+@pytest.mark.parametrize("backward", [deqkit.Implicit(tol=1e-12, max_steps=500), deqkit.OneStep()], ids=["implicit", "onestep"])
+def test_gradients_at_the_fixed_point_survive_several_compactions(backward):
+    # 32 samples stopping at many different steps: the working set is compacted several times,
+    # and each sample's best iterate (where the backward mode attaches) must be its own
+    rates = tuple(0.05 + 0.9 * i / 31 for i in range(32))
+    case = heterogeneous(dim=4, rates=rates, nonlinear=True)
+    c, b = (x.clone().requires_grad_(True) for x in case.inputs)
+    grads, values = [], []
+    for active_set in (False, True):
+        recording = Recording(deqkit.FixedPoint())
+        sol = deqkit.fixed_point(case.f, case.z0, inputs=(c, b), solver=recording, backward=backward, tol=1e-10,
+                                 max_steps=2000, active_set=active_set)
+        if active_set:
+            assert len(set(recording.sizes)) >= 3
+        values.append(sol.value.detach())
+        grads.append(torch.autograd.grad(sol.value.pow(2).sum(), (c, b)))
+    torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=0)
+    for whole, active in zip(*grads):
+        torch.testing.assert_close(active, whole, rtol=1e-8, atol=1e-12)
