@@ -292,3 +292,29 @@ def test_gradients_at_the_fixed_point_survive_several_compactions(backward):
     torch.testing.assert_close(values[1], values[0], rtol=1e-9, atol=0)
     for whole, active in zip(*grads):
         torch.testing.assert_close(active, whole, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's synchronisation debug mode needs CUDA")
+@pytest.mark.parametrize("k", [1, 4])
+def test_cuda_synchronisations_counted_by_torch(k):
+    # torch warns at every synchronising CUDA call: the difference between 24 and 12 iterations
+    # is what the iterations themselves cost
+    case = _case()
+    f = lambda z, c, b: case.f(z, c, b)  # noqa: E731
+    inputs = tuple(x.cuda() for x in case.inputs)
+
+    def warnings_for(steps: int) -> int:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.no_grad():
+                    deqkit.fixed_point(f, case.z0.cuda(), inputs=inputs, solver=deqkit.Anderson(m=5), tol=None,
+                                       max_steps=steps, check_every=k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert warnings_for(24) - warnings_for(12) == 12 // k
