@@ -380,6 +380,8 @@ def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) ->
         else:
             steps += active
         if it % every and it < max_steps:  # not a test of convergence: iterate on
+            if kept.maxlen:
+                kept.append((z, fz) if frozen is None else (full(z, frozen[0]), full(fz, frozen[1])))
             z_next, state = solver.step(z, fz, state, problem)
             _check_step(solver, z_next, z)
             z = z_next if active.all() else torch.where(_rows(problem.active, z), z_next, z)

@@ -60,8 +60,9 @@ class SolveOptions:
             copies the residual norms to the host, the loop's one synchronisation with the
             device; on accelerators where that wait is costly, a larger value lets the device
             run ahead. A sample then stops at the first tested iteration at or below ``tol``
-            (up to ``check_every - 1`` iterations late) and its best iterate is chosen among the
-            tested ones; the trace still has every iteration's residual.
+            (up to ``check_every - 1`` iterations late), its best iterate is chosen among the
+            tested ones, ``divergence`` is judged against its first tested residual, and the
+            trace has one column per test. ``trajectory`` still keeps every iterate.
         throw: raise ``SolveError`` on NONFINITE or DIVERGED.
         throw_on_max_steps: also raise on MAX_STEPS.
     """

@@ -318,3 +318,14 @@ def test_cuda_synchronisations_counted_by_torch(k):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert warnings_for(24) - warnings_for(12) == 12 // k
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_check_every_keeps_every_iterate_in_the_trajectory(k):
+    case = _case()
+    kwargs = dict(inputs=case.inputs, solver=deqkit.Anderson(m=3), tol=None, max_steps=6, trajectory=6)
+    every = solve(case.f, case.z0, **kwargs)
+    sparse = solve(case.f, case.z0, check_every=k, **kwargs)
+    assert len(sparse.trajectory) == len(every.trajectory) == 6
+    for a, b in zip(sparse.trajectory, every.trajectory):
+        assert torch.equal(a, b)
