@@ -243,13 +243,19 @@ def classifier_problem(name: str, model: ImplicitClassifier, budget: int) -> Pro
     return Problem(name, description, cell, z0, (x,), budget=budget)
 
 
-def get_student(path: Path, batch: int, budget: int, device: torch.device) -> Problem:
+def get_student(path: Path, batch: int, budget: int, device: torch.device) -> tuple[Problem, dict]:
     """The GET student's equilibrium map (EMA weights) from a training checkpoint, its injection
-    computed by the model's own stem from seeded noise, as ``_problems.get_t`` builds it."""
+    computed by the model's own stem from seeded noise, as ``_problems.get_t`` builds it; and a
+    record of the checkpoint (preset, steps trained of the run's total)."""
     problem = get_t(batch=batch, checkpoint=str(path))
     model = problem.f.__self__
     model.to(device)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    record = {"checkpoint": str(path), "preset": state["config"]["model"], "step": state.get("step"),
+              "steps": state["config"]["steps"]}
     tokens, dim = problem.z0.shape[1:]
-    description = f"GET student of the distillation demo (trained, EMA), B={batch}, N={tokens}, D={dim}"
-    return dataclasses.replace(problem, name="get_student", description=description, budget=budget,
-                               z0=problem.z0.to(device), inputs=tuple(t.to(device) for t in problem.inputs))
+    description = (f"{record['preset']} student of the GET distillation demo (EMA weights, step {record['step']}), "
+                   f"B={batch}, N={tokens}, D={dim}")
+    problem = dataclasses.replace(problem, name="get_student", description=description, budget=budget,
+                                  z0=problem.z0.to(device), inputs=tuple(t.to(device) for t in problem.inputs))
+    return problem, record

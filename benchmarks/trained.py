@@ -26,6 +26,7 @@ recorded. Writes OUT/results.json, OUT/<map>_residual_vs_nfe.png and prints a ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def synchronised(problem: Problem) -> Problem:
         torch.cuda.synchronize(z.device)
         return out
 
-    return Problem(problem.name, problem.description, f_synced, problem.z0, problem.inputs, problem.budget, problem.coupled)
+    return dataclasses.replace(problem, f=f_synced)
 
 
 def spectral_radius_at_solution(problem: Problem) -> float:
@@ -112,20 +113,34 @@ def build_maps(args: argparse.Namespace, progress: Callable[..., Any], log: Call
         info[name] = record
     path = args.get_student or DEFAULT_GET_STUDENT
     if path.is_file():
-        problems.append(maps.get_student(path, GET_BATCH[args.quick], BUDGET[args.quick], args.device))
-        info["get_student"] = {"checkpoint": str(path)}
+        problem, info["get_student"] = maps.get_student(path, GET_BATCH[args.quick], BUDGET[args.quick], args.device)
+        problems.append(problem)
     else:
         log(f"note: get_student skipped: no GET student checkpoint at {path} (the full demo, "
             "`python -m examples.get_distillation demo`, writes one there; or pass --get-student PATH)")
     return [synchronised(p) for p in problems], info
 
 
+def measure_one(problem: Problem, runner: Runner, tol: float, repeats: int, f_seconds: float) -> dict:
+    """convergence.py's measurement (warm-up, timed runs, one traced run over the budget), or,
+    where the solver raises (torchdeq's anderson can meet a singular least-squares system on
+    a trained map), a record of its error: no NFE, no time, no trace."""
+    try:
+        return {**bench(problem, runner, tol, repeats, f_seconds), "error": None}
+    except RuntimeError as exc:
+        kind = type(exc).__name__.lstrip("_")  # torch.linalg.LinAlgError's class is _LinAlgError
+        error = f"{kind}: {str(exc).splitlines()[0]}"
+        print(f"\n{runner.label} failed on {problem.name} at tol {tol:g}: {error}", file=sys.stderr)
+        return {"problem": problem.name, "solver": runner.label, "library": runner.library, "active_set": False,
+                "tol": tol, "converged": False, "nfev_to_tol": None, "seconds_to_tol": None, "f_seconds": f_seconds,
+                "budget_nfe": problem.budget, "trace_nfev": [], "trace_residual": [], "trace_seconds": [], "error": error}
+
+
 def measure(problems: list[Problem], solvers: list[Runner], repeats: int, progress: Callable[..., Any]) -> list[dict]:
-    """convergence.py's measurement (warm-up, timed runs, one traced run over the budget) for
-    every map x solver x tolerance."""
+    """Every map x solver x tolerance."""
     jobs = [(p, r, tol) for p in problems for r in solvers for tol in TOLERANCES]
     f_seconds = {p.name: time_f(p, repeats) for p in problems}
-    return [bench(p, r, tol, repeats, f_seconds[p.name]) for p, r, tol in progress(jobs, desc="solves", unit="run")]
+    return [measure_one(p, r, tol, repeats, f_seconds[p.name]) for p, r, tol in progress(jobs, desc="solves", unit="run")]
 
 
 def figure(results: list[dict], problem: Problem):
@@ -139,8 +154,9 @@ def figure(results: list[dict], problem: Problem):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     traced = [r for r in results if r["problem"] == problem.name and r["tol"] == TOLERANCES[-1]]
     for i, r in enumerate(traced):
+        label = r["solver"] + (" (raised an error: no trace)" if r["error"] else "")
         ax.semilogy(r["trace_nfev"], r["trace_residual"], color=plt.cm.tab10(i % 10),
-                    ls="-" if r["library"] == "deqkit" else "--", lw=1.4, label=r["solver"])
+                    ls="-" if r["library"] == "deqkit" else "--", lw=1.4, label=label)
     for tol, ls in zip(TOLERANCES, (":", "-.")):
         ax.axhline(tol, color="grey", lw=0.8, ls=ls, label=f"tolerance {tol:g}")
     ax.set_title(f"Residual against f evaluations, trained map {problem.name}:\n{problem.description}", fontsize=9)
@@ -164,6 +180,8 @@ def plot(results: list[dict], problem: Problem, out: Path) -> str:
 
 def table(results: list[dict]) -> str:
     def cell(r: dict) -> tuple[str, str]:
+        if r["error"]:
+            return f"error ({r['error'].split(':')[0]})", "-"
         if r["nfev_to_tol"] is None:
             return "not reached", "-"
         return str(r["nfev_to_tol"]), f"{1e3 * r['seconds_to_tol']:.1f}"

@@ -47,7 +47,7 @@ def write_student_checkpoint(path: Path) -> None:
         sys.path.remove(str(ROOT))
     config = train.TrainConfig(pairs="unused", out="unused", model="GET-Tiny/4")
     model = models.build("GET-Tiny/4", img_size=8, channels=1, num_classes=10)
-    common.save_checkpoint(path, {"config": common.config_to_dict(config), "model": model.state_dict(),
+    common.save_checkpoint(path, {"config": common.config_to_dict(config), "step": 0, "model": model.state_dict(),
                                   "ema": model.state_dict(), "student": {"model": "GET-Tiny/4", "image_shape": [1, 8, 8],
                                                                          "num_classes": 10}})
 
@@ -75,6 +75,9 @@ def test_every_map_solver_and_tolerance_is_measured(quick_run):
             assert r["nfev_to_tol"] >= 1 and r["seconds_to_tol"] > 0
         else:
             assert r["nfev_to_tol"] is None and r["seconds_to_tol"] is None
+        if r["error"]:  # a solver that raised (torchdeq's anderson can): recorded, not a crash
+            assert r["library"] == "torchdeq" and not r["trace_nfev"], r["error"]
+            continue
         assert r["trace_nfev"] and r["trace_nfev"][-1] <= data["max_steps"]
         if r["library"] == "deqkit":  # (torchdeq's broyden can end in NaN once its residual is ~1e-8)
             assert all(math.isfinite(x) for x in r["trace_residual"])
@@ -151,6 +154,17 @@ def test_figure_reads_at_a_glance(quick_run):
         assert len(ax.lines) == len(SOLVERS) + 2
     finally:
         plt.close(fig)
+
+
+def test_a_solver_that_raises_is_recorded_not_fatal():
+    def run(problem, tol, max_steps, traced=False):
+        raise torch.linalg.LinAlgError("torch.linalg.solve: (Batch element 2): singular\nmore")
+
+    problem = maps.Problem("p", "a map", lambda z: z, torch.zeros(2, 3), (), 10)
+    r = trained.measure_one(problem, trained.Runner("broken", "torchdeq", run), 1e-3, 1, 1e-4)
+    assert r["error"] == "LinAlgError: torch.linalg.solve: (Batch element 2): singular"
+    assert r["nfev_to_tol"] is None and not r["converged"] and r["trace_residual"] == []
+    assert "| p | broken | error (LinAlgError) | - |" in trained.table([r, {**r, "tol": 1e-4}])
 
 
 @pytest.mark.parametrize("argv, message", [
