@@ -151,7 +151,7 @@ def figure(results: list[dict], problem: Problem):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     traced = [r for r in results if r["problem"] == problem.name and r["tol"] == TOLERANCES[-1]]
     for i, r in enumerate(traced):
         label = r["solver"] + (" (raised an error: no trace)" if r["error"] else "")
@@ -163,7 +163,8 @@ def figure(results: list[dict], problem: Problem):
     ax.set_xlabel("f evaluations (NFE)")
     ax.set_ylabel("relative residual ||f(z) - z|| / ||f(z)||, worst sample")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="solid: deqkit, dashed: torchdeq 0.1.0", title_fontsize=7)
+    ax.legend(fontsize=8, title="solid: deqkit, dashed: torchdeq 0.1.0", title_fontsize=8,
+              loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.tight_layout()
     return fig
 
