@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +91,14 @@ class MLPCell(nn.Module):
 
 
 class ImplicitClassifier(nn.Module):
-    """injection -> DEQ(cell) -> head: an MLP cell on flattened images, or the MDEQ-style conv
-    cell on (C, H, W) feature maps with a pooled linear head."""
+    """injection -> DEQ(cell) -> linear head: an MLP cell on flattened images, or the
+    MDEQ-style conv cell on (C, H, W) feature maps injected by a 3x3 conv."""
 
     def __init__(self, spec: TrainSpec):
         super().__init__()
         self.spec = spec
+        self.inject: nn.Module
+        self.head: nn.Module
         if spec.kind == "mlp":
             self.inject = nn.Sequential(nn.Flatten(), nn.Linear(spec.image_size ** 2, spec.hidden))
             cell: nn.Module = MLPCell(spec.width, spec.hidden)
@@ -114,7 +116,7 @@ class ImplicitClassifier(nn.Module):
 
     @property
     def cell(self) -> nn.Module:
-        return self.deq.cell
+        return cast(nn.Module, self.deq.cell)
 
     def start(self, x: Tensor) -> Tensor:
         """z0 = 0, shaped like the state (the mlp's state is narrower than its injection)."""
@@ -225,8 +227,8 @@ def trained_classifier(name: str, spec: TrainSpec, folder: Path, device: torch.d
 def classifier_problem(name: str, model: ImplicitClassifier, budget: int) -> Problem:
     """The trained cell as a benchmark map on held-out digits: ``f(z, x) = cell(z, x)`` with x
     the injection of the first ``bench_batch`` test images, z0 = 0. The weight norm is folded
-    into plain weights (the values the trained model uses), so every solver, deqkit's or
-    torchdeq's, calls the same plain function."""
+    into plain weights (the values the trained model uses; the model's cell is changed in
+    place), so every solver, deqkit's or torchdeq's, calls the same plain function."""
     spec = model.spec
     device = next(model.parameters()).device
     images = load_digits("test")[0][: spec.bench_batch].to(device)
@@ -248,7 +250,7 @@ def get_student(path: Path, batch: int, budget: int, device: torch.device) -> tu
     computed by the model's own stem from seeded noise, as ``_problems.get_t`` builds it; and a
     record of the checkpoint (preset, steps trained of the run's total)."""
     problem = get_t(batch=batch, checkpoint=str(path))
-    model = problem.f.__self__
+    model = cast(nn.Module, problem.f.__self__)  # type: ignore[attr-defined]  # f is model.equilibrium_map
     model.to(device)
     state = torch.load(path, map_location="cpu", weights_only=True)
     record = {"checkpoint": str(path), "preset": state["config"]["model"], "step": state.get("step"),
