@@ -90,5 +90,6 @@ def describe(device: torch.device) -> dict:
 def header(info: dict, what: str) -> str:
     """One line above a printed table: what was measured, where, with which torch."""
     cuda = f", CUDA {info['cuda']}" if info.get("cuda") else ""
-    return (f"{what} on {info['device']} ({info['device_name']}), torch {info['torch']}{cuda}, "
-            f"{info['torch_threads']} torch thread(s)")
+    threads = info["torch_threads"]
+    threads = f"{threads} torch thread(s)" if isinstance(threads, int) else f"torch threads {threads}"
+    return f"{what} on {info['device']} ({info['device_name']}), torch {info['torch']}{cuda}, {threads}"
