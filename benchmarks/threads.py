@@ -11,8 +11,9 @@ process per ``--competitors``: ``python -c 'while True: pass'``), a fresh proces
   ``convergence.py --quick``), the median over 20 solves after a warm-up.
 
 The busy processes are started and killed by this script. Writes OUT/results.json and
-prints a markdown table. ``--quick`` measures the idle machine only, at torch's default thread
-count and at one thread (two fresh processes, one timed teacher step unless ``--steps``).
+prints a markdown table. ``--quick`` is a smoke test of the measurement, not a comparison: one
+setting (one thread, OpenMP's default wait policy, no busy process) in one fresh process, one
+timed teacher step unless ``--steps`` (batch 32, one warm-up step) and 5 solves.
 
 ``--device cuda`` (or ``cuda:N``) runs the teacher, its batch and the solve on that GPU (the
 loss's random numbers still come from a CPU generator, as in the example's training), each
@@ -42,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 from _device import add_device_option, describe, header, now, resolve, sync  # noqa: E402
 
 
-def worker(threads: int | None, steps: int, device: str = "cpu") -> dict:
+def worker(threads: int | None, steps: int, device: str = "cpu", quick: bool = False) -> dict:
     import torch
 
     if threads:
@@ -56,7 +57,8 @@ def worker(threads: int | None, steps: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     model = teacher.build_denoiser(teacher.TeacherConfig(preset="digits"), in_channels=1, num_classes=10).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    images, labels = torch.randn(128, 1, 8, 8).to(dev), torch.arange(128, device=dev) % 10
+    batch, warm_up, solves = (32, 1, 5) if quick else (128, 2, 20)
+    images, labels = torch.randn(batch, 1, 8, 8).to(dev), torch.arange(batch, device=dev) % 10
     gen = torch.Generator().manual_seed(0)  # edm_loss draws on the CPU and moves the numbers
 
     def train_step() -> None:
@@ -66,16 +68,16 @@ def worker(threads: int | None, steps: int, device: str = "cpu") -> dict:
         opt.step()
 
     step_times = []
-    for i in range(steps + 2):
+    for i in range(steps + warm_up):
         t = now(dev)
         train_step()
-        if i >= 2:
+        if i >= warm_up:
             step_times.append(now(dev) - t)
 
     p = tanh_layer(0.9, dim=64, batch=8, device=dev)
     solve_times = []
     with torch.no_grad():
-        for i in range(21):
+        for i in range(solves + 1):
             t = now(dev)
             deqkit.fixed_point(p.f, p.z0, inputs=p.inputs, solver=deqkit.Anderson(m=5), tol=1e-4, max_steps=p.budget)
             if i:
@@ -133,14 +135,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         b.wait()
 
 
-def measure(threads: int | None, passive: bool, competitors: int, steps: int, device: str = "cpu") -> dict:
+def measure(threads: int | None, passive: bool, competitors: int, steps: int, device: str = "cpu",
+            quick: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     busy = _busy(competitors)
     try:
-        proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps({"threads": threads, "steps": steps, "device": device})],
+        job = {"threads": threads, "steps": steps, "device": device, "quick": quick}
+        proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(job)],
                               capture_output=True, text=True, env=env, timeout=1800)
     finally:
         _stop(busy)
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/threads"), help="output folder")
     parser.add_argument("--steps", type=int, default=None, help="timed teacher steps per setting (default 8, --quick 1)")
     parser.add_argument("--quick", action="store_true",
-                        help="the idle machine only, default threads and one thread, OpenMP's default wait policy")
+                        help="one setting (one thread, default wait policy, no busy process), small: a smoke test")
     parser.add_argument("--competitors", type=int, default=1, help="busy processes in the loaded runs (default 1)")
     parser.add_argument("--profile", choices=("anderson", "broyden", "fixed_point"), default=None,
                         help="print a torch.profiler table of 10 solves with this solver instead")
@@ -177,20 +181,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(worker(job["threads"], job["steps"], job.get("device", "cpu"))))
+        print(json.dumps(worker(job["threads"], job["steps"], job.get("device", "cpu"), job.get("quick", False))))
         return 0
     load_before = os.getloadavg()[0]
     rows = []
     for competitors in (0,) if args.quick else (0, args.competitors):
-        for threads in (None, 1):
+        for threads in (1,) if args.quick else (None, 1):
             for passive in (False,) if args.quick else (False, True):
-                row = measure(threads, passive, competitors, steps, str(device))
+                row = measure(threads, passive, competitors, steps, str(device), args.quick)
                 rows.append({**row, "load_average_1min": os.getloadavg()[0]})
                 print(rows[-1], file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = describe(device)
     machine["torch_threads"] = "per setting"  # each fresh process sets its own
-    payload = {"device": str(device), "machine": machine, "cpus": os.cpu_count(), "steps": steps,
+    payload = {"device": str(device), "machine": machine, "cpus": os.cpu_count(), "steps": steps, "quick": args.quick,
                "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}, "results": rows}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
     print(header(machine, "threads") + "\n")

@@ -32,7 +32,7 @@ def test_profile_names_the_solver_ops():
 
 
 def test_quick_records_the_device(tmp_path):
-    """--quick: the idle machine at default and one thread; the device in results.json and the
+    """--quick: one setting (one thread, idle machine); the device in results.json and the
     table's header."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "threads.py"), "--quick", "--device", "cpu",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -40,10 +40,11 @@ def test_quick_records_the_device(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["device"] == "cpu" and data["machine"]["device_name"] and data["steps"] == 1
     assert data["machine"]["torch"] == torch.__version__
-    assert [(r["competitors"], r["torch_threads"], r["omp_wait_policy"]) for r in data["results"]] == [
-        (0, "default", "default"), (0, 1, "default")]
+    assert [(r["competitors"], r["torch_threads"], r["threads"], r["omp_wait_policy"]) for r in data["results"]] == [
+        (0, 1, 1, "default")]
+    assert data["quick"] is True and data["results"][0]["anderson_ms"] > 0
     assert proc.stdout.startswith(f"threads on cpu ({data['machine']['device_name']}), torch {torch.__version__}")
-    assert proc.stdout.count("\n| 0 |") == 2
+    assert proc.stdout.count("\n| 0 |") == 1
 
 
 def test_names_a_missing_cuda(tmp_path, monkeypatch, capsys):
