@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +125,15 @@ def test_backward_quick_on_cuda(tmp_path):
     # Unrolled stores every iteration; Implicit does not
     assert by[("Unrolled", 20)]["peak_mib"] > 2 * by[("Unrolled", 5)]["peak_mib"]
     assert by[("Implicit(tol=0.0001)", 20)]["peak_mib"] < 1.5 * by[("Implicit(tol=0.0001)", 5)]["peak_mib"]
+
+
+def test_backward_builds_on_the_device():
+    """The cell, its input and target are placed on the device asked for (meta stands in for a
+    GPU), with the same numbers on every device (drawn on the CPU from the seed)."""
+    backward = _backward_module()
+    size = {"batch": 2, "channels": 4, "hw": 4}
+    cell, x, target = backward.build(size, device="meta")
+    assert {p.device.type for p in cell.parameters()} == {x.device.type, target.device.type} == {"meta"}
+    cpu_cell, cpu_x, _ = backward.build(size)
+    again_cell, again_x, _ = backward.build(size, device="cpu")
+    assert torch.equal(cpu_x, again_x) and torch.equal(cpu_cell.conv1.weight, again_cell.conv1.weight)
