@@ -39,6 +39,16 @@ def test_every_benchmark_script_is_in_the_registry():
     assert sum(s.budget_s for s in run_all.REGISTRY) <= run_all.TOTAL_BUDGET_S <= 8 * 60
 
 
+def test_the_docs_state_the_registry_budgets():
+    run_all = _run_all_module()
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = page.split("## Running on a GPU\n", 1)[1].split("\n## ", 1)[0]
+    for stage in run_all.REGISTRY:
+        assert f"{stage.name} {stage.budget_s:.0f} s" in section, stage.name
+    assert f"{run_all.TOTAL_BUDGET_S:.0f} s for the whole run" in section
+    assert "python benchmarks/run_all.py --device cuda" in section and "pending" in section
+
+
 def test_run_all_quick_end_to_end(tmp_path):
     out = tmp_path / "all"
     start = time.perf_counter()
