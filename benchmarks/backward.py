@@ -13,6 +13,13 @@ runs one training step of a small DEQ (an MDEQ-style convolutional cell) and rec
 
 The forward solve is plain iteration with `tol=None`, so exactly N iterations run.
 
+``--device cuda`` (or ``cuda:N``) runs the model, its inputs and the solves on that GPU. There
+the peak memory is the rise of the CUDA allocator's peak (``torch.cuda.max_memory_allocated``,
+reset before the step) and every configuration runs in this process (the allocator's peak
+needs no fresh process, and each would pay CUDA's start-up); each timed step ends with
+``torch.cuda.synchronize``, so the time is that of the kernels, not of their launch. On the
+CPU, ``--in-process`` does the same for a quick look: times and cosines, no peak memory.
+
 Writes OUT/results.json, OUT/backward_time.png, OUT/backward_memory.png, OUT/backward_cosine.png
 and prints a markdown table.
 
@@ -29,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +44,10 @@ from torch import nn
 import deqkit
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from _device import add_device_option, describe, header, now, resolve, sync  # noqa: E402
+
+MEMORY = {"cpu": "rise of the peak RSS", "cuda": "rise of the CUDA allocator's peak"}
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -58,12 +68,14 @@ class ConvCell(nn.Module):
         return torch.tanh(self.conv2(torch.relu(self.gn(self.conv1(z)))) + x)
 
 
-def build(size: dict, seed: int = 0):
+def build(size: dict, seed: int = 0, device: str | torch.device = "cpu"):
+    """The cell, its input and the target, drawn on the CPU from the seed (the same numbers on
+    every device) and moved to ``device``."""
     torch.manual_seed(seed)
     cell = ConvCell(size["channels"])
     x = torch.randn(size["batch"], size["channels"], size["hw"], size["hw"])
     target = torch.randn_like(x)
-    return cell, x, target
+    return cell.to(device), x.to(device), target.to(device)
 
 
 def make_backward(spec: dict):
@@ -121,7 +133,8 @@ def worker(job: dict) -> dict:
 def _work(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     size = job["size"]
-    cell, x, target = build(size)
+    device = torch.device(job.get("device", "cpu"))
+    cell, x, target = build(size, device=device)
     if job.get("reference"):
         grad = train_step(cell, x, target, deqkit.Implicit(tol=1e-6, max_steps=500), deqkit.Anderson(m=5), 500, 1e-6)
         torch.save(grad, job["reference"])
@@ -129,11 +142,20 @@ def _work(job: dict) -> dict:
     backward = make_backward(job["spec"])
     solver = deqkit.FixedPoint()
     every_step = None  # tol=None: exactly `iters` iterations, no stopping test
-    # memory: the first step in this fresh process, as the rise of the peak RSS
+    # memory: the rise of the peak RSS in this fresh process (CPU) or of the allocator's peak (CUDA);
     # one short step first, so one-time costs (lazy imports, allocator set-up) are not counted
     train_step(cell, x, target, backward, solver, 2, every_step)
     peak = None
-    if os.path.exists("/proc/self/clear_refs"):
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        grad = train_step(cell, x, target, backward, solver, job["iters"], every_step)
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    elif job.get("in_process"):  # another configuration's peak would be counted: none measured
+        grad = train_step(cell, x, target, backward, solver, job["iters"], every_step)
+    elif os.path.exists("/proc/self/clear_refs"):
         before = _rss_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset VmHWM to the current RSS
@@ -144,16 +166,20 @@ def _work(job: dict) -> dict:
         grad = train_step(cell, x, target, backward, solver, job["iters"], every_step)
     times = []
     for _ in range(job["repeats"]):
-        t = time.perf_counter()
+        t = now(device)
         train_step(cell, x, target, backward, solver, job["iters"], every_step)
-        times.append(time.perf_counter() - t)
-    ref = torch.load(job["reference_path"], weights_only=True)
+        times.append(now(device) - t)
+    ref = torch.load(job["reference_path"], weights_only=True, map_location=device)
     cosine = float(torch.nn.functional.cosine_similarity(grad, ref, dim=0))
     return {"step_seconds": statistics.median(times), "peak_mib": peak, "cosine": cosine,
             "grad_finite": bool(torch.isfinite(grad).all())}
 
 
 def run_worker(job: dict) -> dict:
+    """One configuration: in a fresh process on the CPU (its peak RSS is the step's), in this
+    one on CUDA or with ``in_process``."""
+    if job.get("in_process") or job.get("device", "cpu").startswith("cuda"):
+        return worker(job)
     # A fixed mmap threshold makes glibc return every large block to the OS on free, so the
     # resident set follows the live tensors and its peak measures the step's memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -176,7 +202,8 @@ def configurations(quick: bool) -> tuple[list[dict], list[int], dict, int]:
     return specs, [10, 30, 100], {"batch": 32, "channels": 32, "hw": 16}, 3
 
 
-def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
+def plot(results: list[dict], iters: list[int], out: Path, memory: str = MEMORY["cpu"], where: str = "") -> list[str]:
+    """The three figures; ``memory`` says how peak memory was measured, ``where`` names the device."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,14 +212,17 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
 
     files = []
     size = results[0]["size"] if results and "size" in results[0] else None
-    where = f" (conv DEQ cell, B={size['batch']}, C={size['channels']}, {size['hw']}x{size['hw']})" if size else ""
+    on = f", on {where}" if where else ""
+    where = f" (conv DEQ cell, B={size['batch']}, C={size['channels']}, {size['hw']}x{size['hw']}{on})" if size else ""
     for key, ylabel, fname, logy, title in (
             ("step_seconds", "time per training step, forward + backward (s)", "backward_time.png", True,
              "Time of one training step"),
             ("peak_mib", "peak memory of the step (MiB)", "backward_memory.png", True,
-             "Peak memory of one training step (rise of the peak RSS)"),
+             f"Peak memory of one training step ({memory})"),
             ("cosine", "cosine of the parameter gradient to the reference", "backward_cosine.png", False,
              "Gradient quality: cosine to Implicit(tol=1e-6) at a converged forward")):
+        if all(r.get(key) is None for r in results):  # peak memory with --in-process on the CPU
+            continue
         fig, ax = plt.subplots(figsize=(9, 4.5))
         ax.set_title(title + "\n" + where.strip(" ()"), fontsize=10)
         for i, name in enumerate(dict.fromkeys(r["mode"] for r in results)):
@@ -216,9 +246,11 @@ def plot(results: list[dict], iters: list[int], out: Path) -> list[str]:
     return files
 
 
-def table(results: list[dict], iters: list[int]) -> str:
+def table(results: list[dict], iters: list[int], machine: dict | None = None, memory: str = MEMORY["cpu"]) -> str:
+    """The markdown table, under a line naming the device (``machine``: results.json's)."""
+    lines = [header(machine, "backward") + f"; memory: {memory}\n"] if machine else []
     head = "| mode | " + " | ".join(f"N={n}: ms / MiB / cos" for n in iters) + " |"
-    lines = [head, "|---|" + "---|" * len(iters)]
+    lines += [head, "|---|" + "---|" * len(iters)]
     for name in dict.fromkeys(r["mode"] for r in results):
         cells = []
         for n in iters:
@@ -236,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 1 quick, 3 full)")
     parser.add_argument("--replot", action="store_true", help="redraw the plots from OUT/results.json without measuring")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every configuration in this process: faster, but no peak memory on the CPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    device = resolve(parser, args.device)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
@@ -245,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads((args.out / "results.json").read_text())
         for r in payload["results"]:
             r.setdefault("size", payload["size"])
-        payload["plots"] = plot(payload["results"], payload["iters"], args.out)
+        where = payload["machine"]["device_name"] if "machine" in payload else ""
+        payload["plots"] = plot(payload["results"], payload["iters"], args.out, payload.get("memory", MEMORY["cpu"]), where)
         print(f"redrew {', '.join(str(args.out / p) for p in payload['plots'])} from {args.out / 'results.json'}")
         return 0
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -259,20 +296,23 @@ def main(argv: list[str] | None = None) -> int:
             return x
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = str(Path(tmp) / "reference.pt")
-        run_worker({"reference": ref_path, "size": size, "threads": args.threads})
+        common = {"size": size, "threads": args.threads, "device": str(device), "in_process": args.in_process}
+        run_worker({"reference": ref_path, **common})
         results = []
         jobs = [(spec, n) for spec in specs for n in iters]
         for spec, n in tqdm(jobs, desc="backward", unit="config"):
-            out = run_worker({"spec": spec, "iters": n, "size": size, "threads": args.threads,
-                              "repeats": repeats, "reference_path": ref_path})
+            out = run_worker({"spec": spec, "iters": n, "repeats": repeats, "reference_path": ref_path, **common})
             results.append({"mode": label(spec), "spec": spec, "iters": n, "size": size, **out})
-    payload = {"torch": torch.__version__, "threads": args.threads, "size": size, "iters": iters,
+    machine = describe(device)
+    measured = None if args.in_process and device.type == "cpu" else MEMORY[device.type]
+    payload = {"device": str(device), "machine": machine, "memory": measured,
+               "torch": torch.__version__, "threads": args.threads, "size": size, "iters": iters,
                "load_average_1min": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
                "repeats": repeats, "reference": "Implicit(tol=1e-6) at Anderson rel. tol 1e-6",
                "results": results}
-    payload["plots"] = plot(results, iters, args.out)
+    payload["plots"] = plot(results, iters, args.out, measured or "not measured: --in-process", machine["device_name"])
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    print(table(results, iters))
+    print(table(results, iters, machine, measured or "not measured (--in-process)"))
     print(f"\nwrote {args.out / 'results.json'} and {', '.join(str(args.out / p) for p in payload['plots'])}")
     return 0
 

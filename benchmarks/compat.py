@@ -9,6 +9,10 @@ and ``backward``. Steps of the two libraries alternate (the order flips every re
 one torch thread, after warm-up; the table reports each library's median and the ratio
 compat / torchdeq. Writes OUT/results.json and OUT/table.md and prints the table.
 
+``--device cuda`` (or ``cuda:N``) puts the cells, their inputs and both libraries' solver
+state on that GPU; each step is timed between two ``torch.cuda.synchronize`` calls, so it is
+the time of the step's kernels, not of their launch.
+
     python benchmarks/compat.py --out runs/bench-compat
     python benchmarks/compat.py --quick --out /tmp/bench-compat
 """
@@ -19,11 +23,14 @@ import argparse
 import json
 import os
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _device import add_device_option, describe, header, now, resolve  # noqa: E402
 
 CONFIGS = {
     "anderson-12": dict(f_solver="anderson", f_max_iter=12),
@@ -57,7 +64,8 @@ class BlockCell(nn.Module):
         return self.ln2(h + self.mlp(h))
 
 
-def make_problem(cell: str, quick: bool):
+def make_problem(cell: str, quick: bool, device: str | torch.device = "cpu"):
+    """The cell, its input and target: drawn on the CPU from seed 0, then moved to ``device``."""
     torch.manual_seed(0)
     if cell == "mlp":
         d, shape = (16, (8, 16)) if quick else (128, (64, 128))
@@ -65,7 +73,7 @@ def make_problem(cell: str, quick: bool):
     else:
         d, shape = (16, (2, 4, 16)) if quick else (64, (8, 16, 64))
         model = BlockCell(d)
-    return model, torch.randn(shape), torch.randn(shape)
+    return model.to(device), torch.randn(shape).to(device), torch.randn(shape).to(device)
 
 
 def train_step(lib, model, x, y, flags) -> None:
@@ -76,13 +84,13 @@ def train_step(lib, model, x, y, flags) -> None:
     loss.backward()
 
 
-def measure(cell: str, config: str, repeats: int, quick: bool) -> dict:
+def measure(cell: str, config: str, repeats: int, quick: bool, device: torch.device = torch.device("cpu")) -> dict:
     import torchdeq
 
     import deqkit.compat.torchdeq as compat
 
     libs = {"torchdeq": torchdeq, "compat": compat}
-    model, x, y = make_problem(cell, quick)
+    model, x, y = make_problem(cell, quick, device)
     flags = CONFIGS[config]
     times: dict[str, list[float]] = {name: [] for name in libs}
     for name, lib in libs.items():  # warm-up
@@ -90,17 +98,19 @@ def measure(cell: str, config: str, repeats: int, quick: bool) -> dict:
             train_step(lib, model, x, y, flags)
     for r in range(repeats):
         for name in (list(libs) if r % 2 == 0 else list(libs)[::-1]):
-            t0 = time.perf_counter()
+            t0 = now(device)
             train_step(libs[name], model, x, y, flags)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now(device) - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     return {"cell": cell, "config": config, "flags": flags, "repeats": repeats,
             "torchdeq_ms": 1e3 * med["torchdeq"], "compat_ms": 1e3 * med["compat"],
             "ratio": med["compat"] / med["torchdeq"]}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| cell | configuration | torchdeq (ms) | compat (ms) | compat / torchdeq |", "|---|---|---:|---:|---:|"]
+def table(rows: list[dict], machine: dict | None = None) -> str:
+    """The markdown table, under a line naming the device (``machine``: results.json's)."""
+    lines = [header(machine, "compat vs torchdeq") + "\n"] if machine else []
+    lines += ["| cell | configuration | torchdeq (ms) | compat (ms) | compat / torchdeq |", "|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['config']} | {r['torchdeq_ms']:.2f} | {r['compat_ms']:.2f} | {r['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -111,15 +121,19 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per library (default 30, --quick 3)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-compat"), help="output folder")
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    device = resolve(parser, args.device)
     torch.set_num_threads(1)
     repeats = args.repeats or (3 if args.quick else 30)
-    rows = [measure(cell, config, repeats, args.quick) for cell in ("mlp", "block") for config in CONFIGS]
+    rows = [measure(cell, config, repeats, args.quick, device) for cell in ("mlp", "block") for config in CONFIGS]
     args.out.mkdir(parents=True, exist_ok=True)
+    machine = describe(device)
     meta = {"quick": args.quick, "repeats": repeats, "threads": 1, "torch": torch.__version__,
             "loadavg": list(os.getloadavg()), "cpus": os.cpu_count()}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = table(rows)
+    (args.out / "results.json").write_text(json.dumps({"device": str(device), "machine": machine, "meta": meta, "rows": rows},
+                                                      indent=2))
+    md = table(rows, machine)
     (args.out / "table.md").write_text(md)
     print(md, end="")
     return 0

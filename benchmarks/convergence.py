@@ -14,6 +14,16 @@ Anderson least-squares solve, Broyden's batched products) wait for a descheduled
 thread, 10-100x slower, while plain iteration is barely touched. The 1-minute load average
 before and after the run is written with the results.
 
+``--device cuda`` (or ``cuda:N``) puts every problem, start point, input and solver state on
+that GPU. CUDA runs asynchronously, so every clock read synchronises the device first: the
+wall time to tolerance is read after ``torch.cuda.synchronize`` at the start and the end of a
+solve (nothing inside it, so the solve runs as it would in training). The time inside f needs
+a synchronisation before and after every call of f (else it is the time to launch f's kernels),
+which stops the host from queueing the solver's next work while f runs; on CUDA those runs are
+separate: the overhead column and the traces against seconds come from runs with these
+synchronisations (a few microseconds each, and the lost overlap), the "ms to tol" column from
+runs without them. On the CPU one set of runs serves both (a synchronisation is a no-op).
+
 Writes OUT/results.json, OUT/residual_vs_nfe.png, OUT/residual_vs_seconds.png and prints a
 markdown table.
 
@@ -39,15 +49,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deqkit  # noqa: E402
+from _device import add_device_option, describe, header, now, resolve  # noqa: E402
 from _problems import Problem, suite  # noqa: E402
 
 
 @dataclasses.dataclass
 class Runner:
-    """One solver configuration: ``run(problem, tol, max_steps, traced=False)`` -> a dict with
-    nfev, wall and in-f seconds, convergence; with ``traced``, also the worst sample's residual
-    after each call of f that produced an iterate (``trace``), that call's number
-    (``trace_nfev``) and its time since the start (``times``)."""
+    """One solver configuration: ``run(problem, tol, max_steps, traced=False, time_f=True)`` ->
+    a dict with nfev, wall and in-f seconds, convergence; with ``traced``, also the worst
+    sample's residual after each call of f that produced an iterate (``trace``), that call's
+    number (``trace_nfev``) and its time since the start (``times``). With ``time_f=False`` the
+    calls of f are counted but not timed (``in_f`` is NaN): on CUDA, no synchronisation inside
+    the solve."""
 
     label: str
     library: str  # "deqkit" or "torchdeq"
@@ -56,25 +69,37 @@ class Runner:
 
 
 class _Clock:
-    """Wraps f: counts calls and records the time at which each call returned."""
+    """Wraps f: counts calls and records the time at which each call returned.
 
-    def __init__(self, f: Callable, inputs: tuple):
-        self.f, self.inputs = f, inputs
+    On CUDA (``device``) each call is bracketed by two synchronisations, so ``in_f`` is the
+    time f's kernels ran, not the time to launch them; ``time_f=False`` leaves them out (the
+    calls are still counted, ``in_f`` is NaN and ``times`` are launch times)."""
+
+    def __init__(self, f: Callable, inputs: tuple, device: torch.device = torch.device("cpu"), time_f: bool = True):
+        self.f, self.inputs, self.device, self.time_f = f, inputs, device, time_f
         self.times: list[float] = []
         self.in_f = 0.0  # seconds spent inside f
         self.t0 = 0.0
 
     def start(self) -> None:
         self.times.clear()
-        self.in_f = 0.0
-        self.t0 = time.perf_counter()
+        self.in_f = 0.0 if self.time_f else math.nan
+        self.t0 = now(self.device)
+
+    def elapsed(self) -> float:
+        """Seconds since ``start``, the device's queued work included."""
+        return now(self.device) - self.t0
 
     def __call__(self, z, *inputs):
-        t = time.perf_counter()
+        if not self.time_f:
+            out = self.f(z, *(inputs or self.inputs))
+            self.times.append(time.perf_counter() - self.t0)
+            return out
+        t = now(self.device)
         out = self.f(z, *(inputs or self.inputs))
-        now = time.perf_counter()
-        self.in_f += now - t
-        self.times.append(now - self.t0)
+        t_end = now(self.device)
+        self.in_f += t_end - t
+        self.times.append(t_end - self.t0)
         return out
 
 
@@ -101,8 +126,8 @@ class _StepLog:
 
 
 def deqkit_runner(label: str, solver: Any, active_set: bool = False) -> Runner:
-    def run(problem: Problem, tol: float, max_steps: int, traced: bool = False) -> dict:
-        clock = _Clock(problem.f, problem.inputs)
+    def run(problem: Problem, tol: float, max_steps: int, traced: bool = False, time_f: bool = True) -> dict:
+        clock = _Clock(problem.f, problem.inputs, problem.z0.device, time_f or traced)
         logged = _StepLog(solver, clock) if traced else solver
         clock.start()
         with torch.no_grad():
@@ -110,7 +135,7 @@ def deqkit_runner(label: str, solver: Any, active_set: bool = False) -> Runner:
                 clock, problem.z0, inputs=problem.inputs, solver=logged, tol=tol, stop_mode="rel",
                 max_steps=max_steps, active_set=active_set, throw=False,
             )
-        wall = time.perf_counter() - clock.t0
+        wall = clock.elapsed()
         trace = sol.stats.trace.max(dim=0).values.tolist()  # the batch is done when its worst sample is
         out = {"nfev": sol.stats.nfev, "wall": wall, "in_f": clock.in_f,
                "converged": bool(sol.stats.converged.all()), "sample_evals": sol.stats.sample_evals}
@@ -129,15 +154,15 @@ _TORCHDEQ_CALLS_BEFORE_TRACE = {"fixed_point_iter": 0, "broyden": 1, "anderson":
 
 
 def torchdeq_runner(label: str, name: str, **kwargs: Any) -> Runner:
-    def run(problem: Problem, tol: float, max_steps: int, traced: bool = False) -> dict:
+    def run(problem: Problem, tol: float, max_steps: int, traced: bool = False, time_f: bool = True) -> dict:
         from torchdeq.solver import get_solver
 
         solver = get_solver(name)
-        clock = _Clock(problem.f, problem.inputs)
+        clock = _Clock(problem.f, problem.inputs, problem.z0.device, time_f or traced)
         clock.start()
         with torch.no_grad():
             _, _, info = solver(lambda z: clock(z), problem.z0, max_iter=max_steps, tol=tol, stop_mode="rel", **kwargs)
-        wall = time.perf_counter() - clock.t0
+        wall = clock.elapsed()
         nfev = len(clock.times)
         converged = bool((info["rel_lowest"] <= tol).all())
         out = {"nfev": nfev, "wall": wall, "in_f": clock.in_f,
@@ -171,13 +196,14 @@ def runners(quick: bool, have_torchdeq: bool) -> list[Runner]:
 
 
 def time_f(problem: Problem, repeats: int) -> float:
+    device = problem.z0.device
     with torch.no_grad():
         problem.f(problem.z0, *problem.inputs)
         times = []
         for _ in range(max(repeats, 3)):
-            t = time.perf_counter()
+            t = now(device)
             problem.f(problem.z0, *problem.inputs)
-            times.append(time.perf_counter() - t)
+            times.append(now(device) - t)
     return statistics.median(times)
 
 
@@ -192,8 +218,11 @@ def within_budget(traces: dict, budget: int) -> dict:
 def bench(problem: Problem, runner: Runner, tol: float, repeats: int, t_f: float) -> dict:
     runner.run(problem, tol, problem.budget)  # warm-up
     runs = [runner.run(problem, tol, problem.budget) for _ in range(repeats)]
+    if problem.z0.device.type == "cuda":  # wall times from solves with no synchronisation inside
+        walls = [runner.run(problem, tol, problem.budget, time_f=False)["wall"] for _ in range(repeats)]
+    else:  # a synchronisation is a no-op: the same runs serve both
+        walls = [r["wall"] for r in runs]
     to_tol = runs[0]
-    walls = [r["wall"] for r in runs]
     budget = runner.run(problem, 1e-12, problem.budget, traced=True)  # fixed budget, for the traces
     # Overhead: the run's time outside f over its time inside f (both measured in the same run).
     overhead = statistics.median((r["wall"] - r["in_f"]) / r["in_f"] for r in runs)
@@ -286,8 +315,10 @@ def plot(results: list[dict], problems: list[Problem], out: Path) -> list[str]:
     return files
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| problem | solver | NFE to tol | ms to tol | time outside f / time in f |", "|---|---|---|---|---|"]
+def table(results: list[dict], machine: dict | None = None) -> str:
+    """The markdown table, under a line naming the device (``machine``: results.json's)."""
+    lines = [header(machine, "convergence") + "\n"] if machine else []
+    lines += ["| problem | solver | NFE to tol | ms to tol | time outside f / time in f |", "|---|---|---|---|---|"]
     for r in results:
         label = _label(r)
         nfe = r["nfev_to_tol"] if r["nfev_to_tol"] is not None else "not reached"
@@ -320,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="redraw the plots from OUT/results.json (of the same --quick/--only/--get-checkpoint) without measuring")
     parser.add_argument("--get-checkpoint", default=None,
                         help="a GET-T/2 training checkpoint (examples/get_distillation train): adds the trained equilibrium function")
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    device = resolve(parser, args.device)
     if args.tol <= 0:
         parser.error(f"--tol must be > 0, got {args.tol}")
     if args.threads < 0:
@@ -336,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         have_torchdeq = False
         print("torchdeq is not installed (pip install 'deqkit[torchdeq]'); running deqkit only", file=sys.stderr)
 
-    every = suite(args.quick, args.get_checkpoint)
+    every = suite(args.quick, args.get_checkpoint, device)
     problems = [p for p in every if p.name in args.only] if args.only else every
     if not problems:
         parser.error(f"--only matched no problem; names: {[p.name for p in every]}")
@@ -372,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     for problem, runner in tqdm(jobs, desc="convergence", unit="run"):
         results.append(bench(problem, runner, args.tol, repeats, f_times[problem.name]))
 
+    machine = describe(device)
     payload = {
+        "device": str(device),
+        "machine": machine,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "tol": args.tol,
@@ -384,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload["plots"] = plot(results, problems, args.out)
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    print(table(results))
+    print(table(results, machine))
     print(f"\nwrote {args.out / 'results.json'} and {', '.join(str(args.out / p) for p in payload['plots'])}")
     return 0
 

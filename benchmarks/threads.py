@@ -11,7 +11,14 @@ process per ``--competitors``: ``python -c 'while True: pass'``), a fresh proces
   ``convergence.py --quick``), the median over 20 solves after a warm-up.
 
 The busy processes are started and killed by this script. Writes OUT/results.json and
-prints a markdown table. ``--profile anderson`` (or ``broyden``) instead prints a
+prints a markdown table. ``--quick`` is a smoke test of the measurement, not a comparison: one
+setting (one thread, OpenMP's default wait policy, no busy process) in one fresh process, one
+timed teacher step unless ``--steps`` (batch 32, one warm-up step) and 5 solves.
+
+``--device cuda`` (or ``cuda:N``) runs the teacher, its batch and the solve on that GPU (the
+loss's random numbers still come from a CPU generator, as in the example's training), each
+step and solve timed between two ``torch.cuda.synchronize`` calls: the busy processes then
+compete with the host thread that launches the kernels. ``--profile anderson`` (or ``broyden``) instead prints a
 ``torch.profiler`` table of 10 such solves, in this process, at ``--threads`` threads, beside
 ``--competitors`` busy processes: where the time goes when the cores are shared.
 
@@ -32,9 +39,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from _device import add_device_option, describe, header, now, resolve, sync  # noqa: E402
 
 
-def worker(threads: int | None, steps: int) -> dict:
+def worker(threads: int | None, steps: int, device: str = "cpu", quick: bool = False) -> dict:
     import torch
 
     if threads:
@@ -44,11 +53,13 @@ def worker(threads: int | None, steps: int) -> dict:
     from _problems import tanh_layer
     from examples.get_distillation import teacher
 
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = teacher.build_denoiser(teacher.TeacherConfig(preset="digits"), in_channels=1, num_classes=10)
+    model = teacher.build_denoiser(teacher.TeacherConfig(preset="digits"), in_channels=1, num_classes=10).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    images, labels = torch.randn(128, 1, 8, 8), torch.arange(128) % 10
-    gen = torch.Generator().manual_seed(0)
+    batch, warm_up, solves = (32, 1, 5) if quick else (128, 2, 20)
+    images, labels = torch.randn(batch, 1, 8, 8).to(dev), torch.arange(batch, device=dev) % 10
+    gen = torch.Generator().manual_seed(0)  # edm_loss draws on the CPU and moves the numbers
 
     def train_step() -> None:
         loss = teacher.edm_loss(model, images, labels, generator=gen)
@@ -57,20 +68,20 @@ def worker(threads: int | None, steps: int) -> dict:
         opt.step()
 
     step_times = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
+    for i in range(steps + warm_up):
+        t = now(dev)
         train_step()
-        if i >= 2:
-            step_times.append(time.perf_counter() - t)
+        if i >= warm_up:
+            step_times.append(now(dev) - t)
 
-    p = tanh_layer(0.9, dim=64, batch=8)
+    p = tanh_layer(0.9, dim=64, batch=8, device=dev)
     solve_times = []
     with torch.no_grad():
-        for i in range(21):
-            t = time.perf_counter()
+        for i in range(solves + 1):
+            t = now(dev)
             deqkit.fixed_point(p.f, p.z0, inputs=p.inputs, solver=deqkit.Anderson(m=5), tol=1e-4, max_steps=p.budget)
             if i:
-                solve_times.append(time.perf_counter() - t)
+                solve_times.append(now(dev) - t)
     return {"threads": torch.get_num_threads(), "teacher_step_s": statistics.median(step_times),
             "teacher_step_max_s": max(step_times), "anderson_ms": 1e3 * statistics.median(solve_times),
             "anderson_max_ms": 1e3 * max(solve_times)}
@@ -82,8 +93,9 @@ def _solver(name: str):
     return {"anderson": deqkit.Anderson(m=5), "broyden": deqkit.Broyden(memory=20), "fixed_point": deqkit.FixedPoint()}[name]
 
 
-def profile(name: str, threads: int | None, rows: int = 8) -> str:
-    """The profiler's table (by self CPU time) of 10 solves of the quick tanh layer."""
+def profile(name: str, threads: int | None, rows: int = 8, device: str = "cpu") -> str:
+    """The profiler's table (by self CPU time) of 10 solves of the quick tanh layer (on CUDA
+    the GPU's kernels are recorded too)."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -94,7 +106,8 @@ def profile(name: str, threads: int | None, rows: int = 8) -> str:
     import deqkit
     from _problems import tanh_layer
 
-    p, solver = tanh_layer(0.9, dim=64, batch=8), _solver(name)
+    dev = torch.device(device)
+    p, solver = tanh_layer(0.9, dim=64, batch=8, device=dev), _solver(name)
 
     def solve() -> None:
         with torch.no_grad():
@@ -102,9 +115,11 @@ def profile(name: str, threads: int | None, rows: int = 8) -> str:
 
     for _ in range(3):
         solve()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
         for _ in range(10):
             solve()
+        sync(dev)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -120,14 +135,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         b.wait()
 
 
-def measure(threads: int | None, passive: bool, competitors: int, steps: int) -> dict:
+def measure(threads: int | None, passive: bool, competitors: int, steps: int, device: str = "cpu",
+            quick: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     busy = _busy(competitors)
     try:
-        proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps({"threads": threads, "steps": steps})],
+        job = {"threads": threads, "steps": steps, "device": device, "quick": quick}
+        proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(job)],
                               capture_output=True, text=True, env=env, timeout=1800)
     finally:
         _stop(busy)
@@ -141,35 +158,46 @@ def measure(threads: int | None, passive: bool, competitors: int, steps: int) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/threads"), help="output folder")
-    parser.add_argument("--steps", type=int, default=8, help="timed teacher steps per setting (default 8)")
+    parser.add_argument("--steps", type=int, default=None, help="timed teacher steps per setting (default 8, --quick 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one setting (one thread, default wait policy, no busy process), small: a smoke test")
     parser.add_argument("--competitors", type=int, default=1, help="busy processes in the loaded runs (default 1)")
     parser.add_argument("--profile", choices=("anderson", "broyden", "fixed_point"), default=None,
                         help="print a torch.profiler table of 10 solves with this solver instead")
     parser.add_argument("--threads", type=int, default=None, help="with --profile: torch threads (default torch's choice)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    device = resolve(parser, args.device)
+    steps = args.steps if args.steps is not None else (1 if args.quick else 8)
+    if steps < 1:
+        parser.error(f"--steps must be >= 1, got {steps}")
     if args.profile:
         busy = _busy(args.competitors)
         try:
-            print(profile(args.profile, args.threads))
+            print(profile(args.profile, args.threads, device=str(device)))
         finally:
             _stop(busy)
         return 0
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(worker(job["threads"], job["steps"])))
+        print(json.dumps(worker(job["threads"], job["steps"], job.get("device", "cpu"), job.get("quick", False))))
         return 0
     load_before = os.getloadavg()[0]
     rows = []
-    for competitors in (0, args.competitors):
-        for threads in (None, 1):
-            for passive in (False, True):
-                rows.append({**measure(threads, passive, competitors, args.steps), "load_average_1min": os.getloadavg()[0]})
+    for competitors in (0,) if args.quick else (0, args.competitors):
+        for threads in (1,) if args.quick else (None, 1):
+            for passive in (False,) if args.quick else (False, True):
+                row = measure(threads, passive, competitors, steps, str(device), args.quick)
+                rows.append({**row, "load_average_1min": os.getloadavg()[0]})
                 print(rows[-1], file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"cpus": os.cpu_count(), "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-               "results": rows}
+    machine = describe(device)
+    machine["torch_threads"] = "per setting"  # each fresh process sets its own
+    payload = {"device": str(device), "machine": machine, "cpus": os.cpu_count(), "steps": steps, "quick": args.quick,
+               "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}, "results": rows}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+    print(header(machine, "threads") + "\n")
     print("| busy processes | torch threads | OMP_WAIT_POLICY | teacher step (s, median / max) | Anderson solve (ms, median / max) |")
     print("|---|---|---|---|---|")
     for r in rows:

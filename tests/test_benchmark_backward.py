@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,9 @@ def test_backward_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| mode |" in proc.stdout
     data = json.loads((out / "results.json").read_text())
+    assert data["device"] == "cpu" and data["memory"] == "rise of the peak RSS"
+    assert data["machine"]["torch"] == __import__("torch").__version__ and data["machine"]["device_name"]
+    assert proc.stdout.startswith(f"backward on cpu ({data['machine']['device_name']})")
     modes = {r["mode"] for r in data["results"]}
     assert {"Unrolled", "Unrolled(checkpoint)", "OneStep"} <= modes
     assert any(m.startswith("Implicit") for m in modes) and any(m.startswith("Phantom") for m in modes)
@@ -73,3 +77,63 @@ def test_backward_replot_titles_and_legend(tmp_path):
         entries = {t.get_text() for t in ax.get_legend().get_texts()}
         assert entries == {"Implicit(tol=0.01)", "Phantom(k=2)", "Unrolled"}
     assert any("(s)" in ax.get_ylabel() for ax in created) and any("MiB" in ax.get_ylabel() for ax in created)
+
+
+def _backward_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import backward
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return backward
+
+
+def test_backward_in_process(tmp_path, capsys):
+    """--in-process: every configuration in this process, times and cosines but no peak memory
+    (nor its figure) on the CPU."""
+    backward = _backward_module()
+    assert backward.main(["--quick", "--in-process", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["device"] == "cpu" and data["memory"] is None
+    assert all(r["peak_mib"] is None and r["step_seconds"] > 0 and r["grad_finite"] for r in data["results"])
+    assert max(r["cosine"] for r in data["results"] if r["mode"] == "Unrolled") > 0.9
+    assert data["plots"] == ["backward_time.png", "backward_cosine.png"]
+    assert "memory: not measured (--in-process)" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_backward_names_a_missing_cuda(tmp_path, monkeypatch, capsys):
+    backward = _backward_module()
+    monkeypatch.setattr(__import__("torch").cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        backward.main(["--quick", "--device", "cuda", "--out", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert "error: --device cuda: CUDA is not available on this machine" in lines[0]
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_backward_quick_on_cuda(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backward.py"), "--quick", "--device", "cuda",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["device"] == "cuda" and data["memory"] == "rise of the CUDA allocator's peak"
+    by = {(r["mode"], r["iters"]): r for r in data["results"]}
+    assert all(r["peak_mib"] > 0 and r["grad_finite"] for r in data["results"])
+    # Unrolled stores every iteration; Implicit does not
+    assert by[("Unrolled", 20)]["peak_mib"] > 2 * by[("Unrolled", 5)]["peak_mib"]
+    assert by[("Implicit(tol=0.0001)", 20)]["peak_mib"] < 1.5 * by[("Implicit(tol=0.0001)", 5)]["peak_mib"]
+
+
+def test_backward_builds_on_the_device():
+    """The cell, its input and target are placed on the device asked for (meta stands in for a
+    GPU), with the same numbers on every device (drawn on the CPU from the seed)."""
+    backward = _backward_module()
+    size = {"batch": 2, "channels": 4, "hw": 4}
+    cell, x, target = backward.build(size, device="meta")
+    assert {p.device.type for p in cell.parameters()} == {x.device.type, target.device.type} == {"meta"}
+    cpu_cell, cpu_x, _ = backward.build(size)
+    again_cell, again_x, _ = backward.build(size, device="cpu")
+    assert torch.equal(cpu_x, again_x) and torch.equal(cpu_cell.conv1.weight, again_cell.conv1.weight)
