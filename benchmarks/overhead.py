@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deqkit  # noqa: E402
 from _problems import Problem, heterogeneous, linear_ill, mdeq_conv, tanh_layer  # noqa: E402
+from _device import add_device_option, describe, header, resolve  # noqa: E402
 from convergence import Runner, _Clock, _load, deqkit_runner, torchdeq_runner  # noqa: E402
 
 ITERATIONS = 30
@@ -60,11 +59,12 @@ CHECK_EVERY = 5  # the sparse-test variant: convergence tested every 5th iterati
 def sparse_runner(label: str, solver: Any, every: int) -> Runner:
     """deqkit with ``check_every=every`` (30 fixed iterations: the last is always tested)."""
     def run(problem: Problem, tol: float | None, max_steps: int, traced: bool = False) -> dict:
-        clock = _Clock(problem.f, problem.inputs)
+        clock = _Clock(problem.f, problem.inputs, problem.z0.device)
         clock.start()
-        sol = deqkit.fixed_point(clock, problem.z0, inputs=problem.inputs, solver=solver, tol=None,
-                                 max_steps=max_steps, check_every=every, throw=False)
-        return {"nfev": sol.stats.nfev, "wall": time.perf_counter() - clock.t0, "in_f": clock.in_f}
+        with torch.no_grad():
+            sol = deqkit.fixed_point(clock, problem.z0, inputs=problem.inputs, solver=solver, tol=None,
+                                     max_steps=max_steps, check_every=every, throw=False)
+        return {"nfev": sol.stats.nfev, "wall": clock.elapsed(), "in_f": clock.in_f}
 
     return Runner(label, "deqkit", run)
 
@@ -81,14 +81,6 @@ def tanh_map(dim: int, batch: int, device: torch.device, seed: int = 0) -> Probl
 
     return Problem(f"tanh_d{dim}_b{batch}", f"tanh(Wz + c), ||W||=0.9, d={dim}, B={batch}", f,
                    torch.zeros(batch, dim, device=device), (c,), budget=ITERATIONS)
-
-
-def to_device(problem: Problem, device: torch.device) -> Problem:
-    if device.type == "cpu":
-        return problem
-    problem.z0 = problem.z0.to(device)
-    problem.inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in problem.inputs)
-    return problem
 
 
 def overhead(problem: Problem, repeats: int, have_torchdeq: bool) -> list[dict]:
@@ -214,37 +206,20 @@ def plot(over: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} torch thread(s))"
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-overhead"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="small maps and 2 repeats: a smoke test (seconds)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 2 quick, 15 full)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, cuda:N)")
+    add_device_option(parser)
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 15)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1, got {repeats}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        parser.error(f"--device {args.device!r}: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -259,21 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     with torch.no_grad():
         over = [row for d, b in sizes for row in overhead(tanh_map(d, b, device), repeats, have_torchdeq)]
-        mixed = [heterogeneous(dim=64 if args.quick else 256, batch=32, tokens=t) for t in ((1, 4) if args.quick else (1, 64))]
-        act = [row for p in mixed for row in active_set(to_device(p, device), repeats)]
-        suite = ([tanh_layer(0.9, dim=64, batch=8), linear_ill(dim=64, batch=4)] if args.quick else
-                 [tanh_layer(0.5), tanh_layer(0.9), tanh_layer(0.99), heterogeneous(tokens=64), linear_ill(), mdeq_conv()])
-        nfes = nfe([to_device(p, device) for p in suite], have_torchdeq)
+        mixed = [heterogeneous(dim=64 if args.quick else 256, batch=32, tokens=t, device=device)
+                 for t in ((1, 4) if args.quick else (1, 64))]
+        act = [row for p in mixed for row in active_set(p, repeats)]
+        suite = ([tanh_layer(0.9, dim=64, batch=8, device=device), linear_ill(dim=64, batch=4, device=device)]
+                 if args.quick else
+                 [tanh_layer(0.5, device=device), tanh_layer(0.9, device=device), tanh_layer(0.99, device=device),
+                  heterogeneous(tokens=64, device=device), linear_ill(device=device), mdeq_conv(device=device)])
+        nfes = nfe(suite, have_torchdeq)
     rows = targets(over, act, nfes)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(over, args.out / "overhead.png")
+    info = describe(device)
     payload: dict[str, Any] = {
-        "machine": machine(device), "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": info, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "repeats": repeats, "iterations": ITERATIONS, "load_average_1min": {"before": load_before, "after": _load()},
         "overhead": over, "active_set": act, "anderson_nfe": nfes, "targets": rows,
     }
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    print(f"machine: {payload['machine']}, torch {torch.__version__}, load {load_before} -> {_load()}")
+    print(header(info, "solver overhead") + f"; load average {load_before} -> {_load()}")
     print(table(rows))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'overhead.png'}")
     return 0

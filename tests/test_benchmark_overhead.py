@@ -24,7 +24,7 @@ def test_overhead_quick(tmp_path):
     assert "| target | measured |" in proc.stdout
     data = json.loads((out / "results.json").read_text())
     assert (out / "overhead.png").stat().st_size > 10_000
-    assert data["iterations"] == 30 and data["device"] == "cpu" and data["machine"]
+    assert data["iterations"] == 30 and data["device"] == "cpu" and data["machine"]["device_name"]
     # every solver of both libraries on both maps, each having called f exactly 30 times (deqkit)
     rows = data["overhead"]
     assert {(r["map"], r["solver"], r["library"]) for r in rows} == {
@@ -56,7 +56,7 @@ def test_overhead_quick(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--threads", "-1"], "--threads must be >= 0"),
-    (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--device", "nonsense"], "--device 'nonsense': expected cpu, cuda or cuda:N"),
 ])
 def test_overhead_refuses_bad_options(tmp_path, args, message):
     proc = _run("--quick", "--out", str(tmp_path), *args)
