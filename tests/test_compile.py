@@ -98,6 +98,21 @@ def test_compiled_model_matches_eager(backward, functional):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_a_compiled_solver_inside_a_compiled_model_is_left_to_the_outer_compilation():
+    f, z0, _ = tanh_map()
+    fast = deqkit.compiled(deqkit.Anderson(m=3), backend="eager")
+
+    def solve(z0):
+        return deqkit.fixed_point(f, z0, solver=fast, tol=None, max_steps=6).value
+
+    eager = deqkit.fixed_point(f, z0, solver=deqkit.Anderson(m=3), tol=None, max_steps=6).value
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+        value = torch.compile(solve, backend="eager")(z0)
+    torch.testing.assert_close(value, eager, rtol=0, atol=1e-12)
+    assert fast.compilations == 0 and not fast.eager  # the outer compilation traced the plain step
+
+
 # -- compiled steps: values --------------------------------------------------------------------
 
 STEPPED = [
