@@ -9,6 +9,7 @@ backward modes::
 """
 
 from . import nn, solvers
+from ._compile import Compiled, compiled
 from ._backward import AbstractBackward, Implicit, OneStep, Phantom, Unrolled
 from ._options import SolveOptions
 from ._result import BackwardLog, BackwardStats, Result, Solution, SolveError, Stats
@@ -26,6 +27,7 @@ __all__ = [
     "Anderson",
     "BackwardLog",
     "BackwardStats",
+    "Compiled",
     "DEQ",
     "JacobianReg",
     "Broyden",
@@ -41,6 +43,7 @@ __all__ = [
     "Stats",
     "TorchDEQSolver",
     "Unrolled",
+    "compiled",
     "fixed_point",
     "fp_correction",
     "fp_weights",

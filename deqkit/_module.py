@@ -14,6 +14,8 @@ from ._result import Solution, SolveError
 from ._solve import _DEFAULT_BACKWARD, _DEFAULT_SOLVER, _check_start, solve
 
 _INITS = ("zeros", "randn")
+# read once: dataclasses.fields() inside forward is a graph break under torch.compile
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(SolveOptions))
 
 
 class DEQ(nn.Module):
@@ -104,7 +106,7 @@ class DEQ(nn.Module):
 
     def forward(self, *inputs: Any, z0: Union[Tensor, Solution, None] = None, **overrides: Any) -> Solution:
         """Solve for the fixed point. ``overrides`` replace options for this call (e.g. ``max_steps``)."""
-        known = {f.name for f in dataclasses.fields(SolveOptions)}
+        known = _OPTION_NAMES
         unknown = set(overrides) - known - {"solver", "backward"}
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)} + solver, backward")
