@@ -190,7 +190,10 @@ class Problem:
 
     # -- evaluation -------------------------------------------------------------------------
     def _call(self, z: Tensor, inputs: tuple[Any, ...]) -> Tensor:
-        before = _versions((z, *inputs))
+        # the in-place check reads version counters, which torch.compile cannot trace (a graph
+        # break per call of f), so under torch.compile an in-place f is not detected
+        watch = not torch.compiler.is_compiling()
+        before = _versions((z, *inputs)) if watch else ()
         if self._grad_first:  # fills the solve's cache of normalised weights with their graph
             self._grad_first = False
             with torch.enable_grad():
@@ -198,7 +201,7 @@ class Problem:
             out = out.detach() if isinstance(out, Tensor) else out
         else:
             out = self._call_f(z, *inputs)
-        after = _versions((z, *inputs))
+        after = _versions((z, *inputs)) if watch else ()
         if after != before:
             changed = [name for name, a, b in zip(["z"] + [f"inputs[{i}]" for i in range(len(inputs))], before, after) if a != b]
             raise ValueError(

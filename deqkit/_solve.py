@@ -45,7 +45,11 @@ def _refuse_a_non_finite_start(z0: Tensor, status: Tensor) -> None:
 
 
 def _under_functorch(z: Tensor) -> bool:
-    """True when ``z`` is a torch.func wrapper (vmap's batched or grad's wrapped tensor)."""
+    """True when ``z`` is a torch.func wrapper (vmap's batched or grad's wrapped tensor).
+    False while torch.compile traces (it cannot trace the check, and a traced solve is not
+    under a torch.func transform)."""
+    if torch.compiler.is_compiling():
+        return False
     functorch = getattr(torch._C, "_functorch", None)
     if functorch is None:
         return False
@@ -165,12 +169,18 @@ def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver
             # The mode attaches its gradient to the value and to every kept iterate, each at
             # its own point; values stay the forward's, bit for bit.
             graph_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
-            attached: dict[int, Tensor] = {}
+            # (iterate, attached) pairs compared by identity: the value is often also the last
+            # kept iterate, and gets one graph (a list, not a dict keyed by id(), which
+            # torch.compile would recompile for at every call)
+            attached: list[tuple[Tensor, Tensor]] = []
 
             def attach_to(z: Tensor, fz: Tensor) -> Tensor:
-                if id(fz) not in attached:
-                    attached[id(fz)] = backward.attach(graph_problem.f, z, fz, log, options.throw)
-                return attached[id(fz)]
+                for seen, out in attached:
+                    if seen is fz:
+                        return out
+                out = backward.attach(graph_problem.f, z, fz, log, options.throw)
+                attached.append((fz, out))
+                return out
 
             value = attach_to(out.best_z, out.best_fz)
             kept = tuple(attach_to(z, fz) for z, fz in out.trajectory)

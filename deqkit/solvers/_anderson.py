@@ -114,7 +114,10 @@ class Anderson(AbstractSolver):
             g = fx - z.reshape(b, -1).to(dt)
             norm = torch.linalg.vector_norm(g, dim=1)
         slot = state.n_steps % m
-        onehot = _unit(m, slot, dt, z.device)
+        if torch.compiler.is_compiling():  # torch.compile warns when it traces through lru_cache
+            onehot = (torch.arange(m, device=z.device) == slot).to(dt)
+        else:
+            onehot = _unit(m, slot, dt, z.device)
 
         # Safeguard: a sample whose residual grew past `restart` times its best (or is NaN)
         # forgets its memory.
