@@ -43,7 +43,7 @@ def get(name: str, **kwargs: Any) -> Any:
     Example:
         >>> import deqkit
         >>> deqkit.solvers.get("anderson", m=3)
-        Anderson(m=3, beta=1.0, lam=0.001, restart=4.0)
+        Anderson(m=3, beta=1.0, lam=0.0001, restart=4.0)
     """
     try:
         cls = _REGISTRY[name]
