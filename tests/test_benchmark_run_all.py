@@ -103,7 +103,7 @@ def stand_ins(tmp_path, monkeypatch):
     folder.mkdir()
     ok = 'json.dump({"device": args.device}, open(out / "results.json", "w")); print("fine on " + args.device)\n' \
          'print("| a | b |"); print("wrote " + str(out / "results.json"))\n'
-    _script(folder, "good", ok)
+    _script(folder, "good", "time.sleep(0.5)\n" + ok)  # takes a visible share of a small total budget
     _script(folder, "fewer", ok, options='"--device", "--out"')  # no --quick: left out, noted
     _script(folder, "broken", 'sys.exit("broken: something went wrong")\n')
     _script(folder, "wrong_device", 'json.dump({"device": "cuda:7"}, open(out / "results.json", "w"))\n')
