@@ -178,10 +178,10 @@ def figures_of(report: dict) -> dict[str, dict[str, float]]:
             nfe = node.get("nfe", nfe)
             for key, value in node.items():
                 if key not in NOT_FIGURES:
-                    walk(into, f"{path}/{key}" if path else key, value, nfe)
+                    walk(into, value, f"{path}/{key}" if path else key, nfe)
         elif isinstance(node, list):
             for i, value in enumerate(node):
-                walk(into, f"{path}/nfe={nfe[i]}" if nfe is not None and i < len(nfe) else f"{path}/{i}", value, nfe)
+                walk(into, value, f"{path}/nfe={nfe[i]}" if nfe is not None and i < len(nfe) else f"{path}/{i}", nfe)
 
     if "teacher" in report:
         walk(found.setdefault("teacher", {}), report["teacher"], "", None)
