@@ -37,6 +37,7 @@ from . import cli, common, metrics, models
 from .pairs import PairDataset
 from .report import run_labels
 
+TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # the summary's "NFE to reach" columns
 SOLVER_LABELS = {"fixed_point": "FixedPoint", "anderson": "Anderson", "broyden": "Broyden"}
 
 
@@ -53,6 +54,8 @@ class NfeStudyConfig:
     num_heldout: Optional[int] = cli.option(None, help="use the first N held-out pairs", default_text="all")
     residual_target: float = cli.option(1e-3, help="the relative residual whose first NFE the summary reports")
     fd: bool = cli.option(True, help="FD-digits at every NFE (digits images only)")
+    ema: bool = cli.option(True, help="measure the EMA weights (--no-ema: the raw weights; for short runs, whose "
+                           "EMA still holds a share of the initial weights: decay**steps)")
     batch: int = cli.option(250, help="batch size of the solves")
     seed: int = cli.option(0, help="seed of the random starts z0")
     cache: Optional[str] = cli.option(None, help="the digits classifier's cache", default_text="OUT/cache")
@@ -140,7 +143,7 @@ def study(config: NfeStudyConfig) -> dict[str, Any]:
     for run, label in zip(config.runs, run_labels(config.runs)):
         ckpt = Path(run) / "checkpoint.pt"
         check_heldout(heldout, run, common.load_checkpoint(ckpt))
-        model, tcfg = load_student(ckpt, device)
+        model, tcfg = load_student(ckpt, device, ema=config.ema)
         if not isinstance(model, models.GET):
             raise ValueError(f"{run}: nfe-study measures GET students, and {tcfg.model} is not one")
         token_shape = ((model.img_size // model.patch) ** 2, model.dim)
@@ -190,6 +193,7 @@ def _summary(entry: dict, target: float, trained: int) -> dict[str, Any]:
     k = min(trained, len(entry["psnr"]))
     summary = {
         "nfe_to_target": first_at_or_below(entry["residual_mean"], target),
+        "nfe_to": {f"{t:g}": first_at_or_below(entry["residual_mean"], t) for t in TARGETS},
         "residual_at_max": entry["residual_mean"][-1],
         "psnr_at_trained": entry["psnr"][k - 1],
         "psnr_best": max(entry["psnr"]),
@@ -210,7 +214,7 @@ def markdown(result: dict) -> str:
     cfg = result["config"]
     target = cfg["residual_target"]
     lines = ["# GET students: residual and quality against NFE", "",
-             f"{result['n']} held-out pairs, one seeded random start per pair (the same for every solver and student); "
+             f"{'EMA' if cfg['ema'] else 'Raw (not EMA)'} weights; {result['n']} held-out pairs, one seeded random start per pair (the same for every solver and student); "
              "residual: mean over the pairs of ||f(z) - z|| / ||f(z)||; PSNR against the teacher's images"
              + ("; FD-digits of the same images (N = that count)" if any("fd_digits" in e for s in result["students"]
                                                                          for e in s["solvers"].values()) else "") + ".",
@@ -226,6 +230,18 @@ def markdown(result: dict) -> str:
                          f"{m['psnr_at_trained']:.2f} ({s['train']['max_steps']}) | {m['psnr_best']:.2f} | "
                          f"{m['psnr_at_max']:.2f} | {m['psnr_largest_drop']:.2f} | {_fmt(m.get('fd_at_trained'), '.2f')} | "
                          f"{_fmt(m.get('fd_at_max'), '.2f')} | {_fmt(m.get('fd_largest_rise'), '.2f')} |")
+    lines += ["", "NFE to reach a mean relative residual (-: not within the NFE measured; in brackets: the solver's "
+              "NFE over FixedPoint's):", "",
+              "| student | solver | " + " | ".join(f"<= {t:g}" for t in TARGETS) + " |", "|---|---|" + "---|" * len(TARGETS)]
+    for s in result["students"]:
+        plain = s["solvers"].get("FixedPoint", {}).get("summary", {}).get("nfe_to", {})
+        for name, e in s["solvers"].items():
+            cells = []
+            for t in TARGETS:
+                k, base = e["summary"]["nfe_to"][f"{t:g}"], plain.get(f"{t:g}")
+                ratio = f" ({k / base:.2f}x)" if k is not None and base and name != "FixedPoint" else ""
+                cells.append(("-" if k is None else str(k)) + ratio)
+            lines.append(f"| {s['label']} | {name} | " + " | ".join(cells) + " |")
     shown = [k for k in (1, 2, 3, 4, 6, 8, 10, 12, 15, 20, 25, 30) if k <= cfg["nfe_max"]]
     for s in result["students"]:
         lines += ["", f"## {s['label']}", "", "Trained with: " + ", ".join(f"{k}={v}" for k, v in s["train"].items()), "",

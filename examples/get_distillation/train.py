@@ -15,6 +15,13 @@ equilibrium solve converges. An untrained GET does not (its residual grows over 
 iterations, and the output still carries the random start), so train it as the paper does,
 with ``Unrolled`` (or ``Phantom``); ``--z0 zeros`` makes the start deterministic.
 
+GET's map is ``f(z) = z + r(z)`` with ``r`` blind to the scale of ``z`` (pre-LN blocks), so
+it has no fixed point unless ``r(z*) = 0``: its iterates drift and the solve never converges
+(the relative residual falls as 1/k). The equilibrium recipe's options: ``--output-norm``
+(``f(z) = LN(blocks(z))``, a map with a fixed point), ``--jac-reg W`` (a Jacobian penalty at
+the solve's value) and ``--min-steps K`` (each step draws its number of iterations from
+[K, --max-steps]); the tutorial measures them.
+
 Rerunning with the same ``--out`` resumes from the last checkpoint and continues the same
 run: the data order, the random starts z0 and therefore the loss curve are those of an
 uninterrupted run (batch b of step s is a function of the seed and s only). A run folder may

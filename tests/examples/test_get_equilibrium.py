@@ -181,3 +181,14 @@ def test_nfe_study_refuses_a_vit_and_training_pairs(setup, tmp_path, capsys):
     assert run_cli(["nfe-study", "--run", str(runs["eq"]), "--heldout", str(pair_dir), "--out", str(tmp_path / "s"),
                     "--nfe-max", "2", "--no-fd"]) == 1
     assert "not held out" in capsys.readouterr().err
+
+
+def test_nfe_study_options_change_what_is_measured(setup, tmp_path):
+    root, _, runs = setup
+    base = dict(runs=[str(runs["eq"])], heldout=str(root / "heldout"), nfe_max=2, fd=False, solvers=["fixed_point"])
+    ema = nfe_study.study(nfe_study.NfeStudyConfig(out=str(tmp_path / "a"), **base))
+    raw = nfe_study.study(nfe_study.NfeStudyConfig(out=str(tmp_path / "b"), ema=False, **base))
+    few = nfe_study.study(nfe_study.NfeStudyConfig(out=str(tmp_path / "c"), num_heldout=3, seed=1, **base))
+    psnr = [r["students"][0]["solvers"]["FixedPoint"]["psnr"] for r in (ema, raw, few)]
+    assert psnr[0] != psnr[1] and psnr[0] != psnr[2] and few["n"] == 3
+    assert "Raw (not EMA) weights" in (tmp_path / "b" / "nfe_study.md").read_text()
