@@ -154,7 +154,8 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict[str, Any]:
         reports.append(report)
     figures, missing = aggregate(reports)
     result = {"config": common.config_to_dict(config), "seeds": seeds,
-              "students": [{"name": name, "settings": common.config_to_dict(c)} for name, c in students],
+              "students": [{"name": name, "settings": common.config_to_dict(run_config(c, config, out / name, seeds[0]))}
+                           for name, c in students],
               "figures": figures, "missing": missing}
     common.save_figure(figure(result), out / "study.png")
     common.atomic_write_bytes(out / "study.json", json.dumps(result, indent=1, default=str).encode())

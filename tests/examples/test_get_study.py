@@ -91,7 +91,7 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     assert run_cli(argv) == 0
     out = tmp_path / "study"
     result = json.loads((out / "study.json").read_text())
-    assert result["seeds"] == [4, 5]
+    assert result["seeds"] == [4, 5] and [s["settings"]["steps"] for s in result["students"]] == [2, 2]
     for seed in (4, 5):  # each seed's runs, trained with that seed and the study's steps
         config = json.loads((out / f"seed-{seed}" / "get-eq" / "config.json").read_text())
         assert config["seed"] == seed and config["steps"] == 2 and config["output_norm"] is True
