@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("pairs", "generate seeded noise/image pairs with a teacher (resumable, torchrun-ready)"),
     "train": ("train", "train a one-step student (GET or ViT) on pairs (resumable, torchrun/DDP-ready)"),
     "evaluate": ("evaluate", "evaluate students against the teacher: quality, teacher match, speed, NFE sweep"),
+    "nfe-study": ("nfe_study", "GET students' residual and quality against solver NFE (FixedPoint, Anderson, Broyden)"),
+    "study": ("study", "train the student stage over several seeds on existing pairs; mean and spread of every figure"),
     "demo": ("demo", "the end-to-end demo on the bundled digits (teacher -> pairs -> students -> report)"),
 }
 

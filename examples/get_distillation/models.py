@@ -40,14 +40,18 @@ __all__ = ["GET", "ViT", "ModelOutput", "PRESETS", "build", "count_params", "mac
 class ModelOutput:
     """What a student returns, in training and evaluation alike.
 
-    ``images``: (B, C, H, W), the prediction (GET: decoded from each sample's lowest-residual
-    iterate, as deqkit returns it). ``iterates``: decoded iterates for fixed-point correction,
-    oldest first, never empty (ViT: ``(images,)``). ``stats``: the deqkit solve record (ViT: None).
+    ``images``: (B, C, H, W), the prediction (GET: decoded from the solve's value, by default
+    its last iterate). ``iterates``: decoded iterates for fixed-point correction, oldest first,
+    never empty (ViT: ``(images,)``). ``stats``: the deqkit solve record (ViT: None).
+    ``tokens``: GET's solve value ``f(z_k)`` (B, N, D) and ``injection``: its ``u`` (B, N, 3D*L_e),
+    both with their graphs, for penalties on the map there (:meth:`GET.jacobian_penalty`); ViT: None.
     """
 
     images: Tensor
     iterates: tuple[Tensor, ...]
     stats: Optional[deqkit.Stats] = None
+    tokens: Optional[Tensor] = None
+    injection: Optional[Tensor] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +232,12 @@ class GET(_ImageTransformer):
         max_steps: calls of f per solve (GET: 6).
         tol, stop_mode: the stopping rule (default ``tol=None``: exactly ``max_steps`` run).
         divergence: passed to ``fixed_point`` (None, as in GET: every sample runs all steps).
+        output_norm: end f with a LayerNorm, ``f(z) = LN(block_{L_e}(...))`` (default False:
+            GET's map). GET's pre-LN blocks give ``f(z) = z + r(z)`` with ``r`` blind to the
+            scale of ``z``, so a fixed point needs ``r(z*) = 0``; when it is not met the
+            iterate drifts along ``r`` and the relative residual falls only as 1/k. With the
+            LayerNorm, f maps everything into a bounded set, so it has a fixed point
+            (Brouwer), which a Jacobian penalty (``jacobian_penalty``) makes attracting.
     """
 
     def __init__(
@@ -249,6 +259,7 @@ class GET(_ImageTransformer):
         tol: Optional[float] = None,
         stop_mode: str = "abs",
         divergence: Optional[float] = None,
+        output_norm: bool = False,
     ):
         super().__init__(img_size, channels, num_classes, patch, dim, heads)
         _check_int("depth_injection", depth_injection, 0)
@@ -264,13 +275,38 @@ class GET(_ImageTransformer):
         self.injection_blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth_injection))
         self.injection = nn.Linear(dim, 3 * dim * depth_equilibrium, bias=False)
         self.equilibrium_blocks = nn.ModuleList(Block(dim, heads, eq_mlp_ratio) for _ in range(depth_equilibrium))
+        if not isinstance(output_norm, bool):
+            raise TypeError(f"output_norm must be True or False, got {output_norm!r}")
+        self.output_norm = nn.LayerNorm(dim, eps=1e-6) if output_norm else None
         self._init_weights()
 
     def equilibrium_map(self, z: Tensor, u: Tensor) -> Tensor:
         """f(z; u): the L_e equilibrium blocks in sequence, block i taking u's i-th slice."""
         for block, u_i in zip(self.equilibrium_blocks, u.chunk(self.depth_equilibrium, dim=-1)):
             z = block(z, u_i)  # (B, N, D)
+        if self.output_norm is not None:
+            z = self.output_norm(z)  # (B, N, D)
         return z
+
+    def jacobian_penalty(self, out: ModelOutput, n_samples: int = 1) -> Tensor:
+        """Hutchinson estimate of ``||J_f(z)||_F^2 / dim`` at the solve's value (batch mean),
+        differentiable in the weights (``deqkit.jacobian_reg``; Bai et al., 2021): add
+        ``weight * penalty`` to the loss to make the fixed point attracting."""
+        if out.tokens is None or out.injection is None:
+            raise ValueError("jacobian_penalty needs a GET output (its tokens and injection)")
+        u = out.injection
+        return deqkit.jacobian_reg(lambda z: self.equilibrium_map(z, u), out.tokens.detach(), n_samples).mean
+
+    def inject(self, noise: Tensor, c: Optional[Tensor]) -> Tensor:
+        """The injection ``u`` (B, N, 3D*L_e) of checked ``noise``; ``c``: the class embedding
+        (B, 1, 3D) from ``_condition``, or None."""
+        x = self.embed(noise)  # (B, N, D)
+        for block in self.injection_blocks:
+            x = block(x, c)  # (B, N, D)
+        u = self.injection(x)  # (B, N, 3D*L_e)
+        if c is not None:
+            u = u + c.repeat(1, 1, self.depth_equilibrium)  # (B, N, 3D*L_e)
+        return u
 
     def forward(
         self,
@@ -295,16 +331,12 @@ class GET(_ImageTransformer):
             trajectory = max_steps if self.training else 1
         _check_int("trajectory", trajectory, 1)
 
-        x = self.embed(noise)  # (B, N, D)
-        for block in self.injection_blocks:
-            x = block(x, c)  # (B, N, D)
-        u = self.injection(x)  # (B, N, 3D*L_e)
-        if c is not None:
-            u = u + c.repeat(1, 1, self.depth_equilibrium)  # (B, N, 3D*L_e)
+        u = self.inject(noise, c)  # (B, N, 3D*L_e)
+        shape = (*u.shape[:2], self.dim)
         if z0 is None:
-            z0 = torch.randn_like(x)  # (B, N, D)
-        elif z0.shape != x.shape:
-            raise ValueError(f"z0 must have shape (B, N, D) = {tuple(x.shape)}, got {tuple(z0.shape)}")
+            z0 = torch.randn(shape, dtype=u.dtype, device=u.device)  # (B, N, D)
+        elif z0.shape != shape:
+            raise ValueError(f"z0 must have shape (B, N, D) = {shape}, got {tuple(z0.shape)}")
 
         sol = deqkit.fixed_point(
             self.equilibrium_map, z0, inputs=(u,), solver=solver, backward=self.backward,
@@ -313,7 +345,8 @@ class GET(_ImageTransformer):
         )
         images = self.decode(sol.value)  # (B, C, H, W)
         iterates = tuple(images if t is sol.value else self.decode(t) for t in sol.trajectory)
-        return ModelOutput(images=images, iterates=iterates or (images,), stats=sol.stats)
+        return ModelOutput(images=images, iterates=iterates or (images,), stats=sol.stats, tokens=sol.value,
+                           injection=u)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,13 @@ equilibrium solve converges. An untrained GET does not (its residual grows over 
 iterations, and the output still carries the random start), so train it as the paper does,
 with ``Unrolled`` (or ``Phantom``); ``--z0 zeros`` makes the start deterministic.
 
+GET's map is ``f(z) = z + r(z)`` with ``r`` blind to the scale of ``z`` (pre-LN blocks), so
+it has no fixed point unless ``r(z*) = 0``: its iterates drift and the solve never converges
+(the relative residual falls as 1/k). The equilibrium recipe's options: ``--output-norm``
+(``f(z) = LN(blocks(z))``, a map with a fixed point), ``--jac-reg W`` (a Jacobian penalty at
+the solve's value) and ``--min-steps K`` (each step draws its number of iterations from
+[K, --max-steps]); the tutorial measures them.
+
 Rerunning with the same ``--out`` resumes from the last checkpoint and continues the same
 run: the data order, the random starts z0 and therefore the loss curve are those of an
 uninterrupted run (batch b of step s is a function of the seed and s only). A run folder may
@@ -88,6 +95,14 @@ class TrainConfig:
     phantom_steps: int = cli.option(6, help="phantom gradient steps (--backward phantom)")
     phantom_tau: float = cli.option(1.0, help="phantom gradient damping (--backward phantom)")
     max_steps: int = cli.option(6, help="calls of f per forward (GET: 6)")
+    min_steps: Optional[int] = cli.option(None, help="GET: draw each training step's number of fixed-point iterations "
+                                          "uniformly from [MIN_STEPS, --max-steps] (seeded by the step)",
+                                          default_text="always --max-steps")
+    output_norm: bool = cli.option(False, help="GET: end the equilibrium map with a LayerNorm, f(z) = LN(blocks(z)), "
+                                   "so that it has a fixed point (GET's map: no LayerNorm)")
+    jac_reg: float = cli.option(0.0, help="GET: weight of the Jacobian penalty ||J_f||_F^2/dim at the solve's value "
+                                "(deqkit.jacobian_reg; 0: none)")
+    jac_reg_samples: int = cli.option(1, help="GET: Hutchinson probes of the Jacobian penalty (--jac-reg)")
     z0: str = cli.option("randn", help="start of the equilibrium solve (GET: a fresh Gaussian draw)",
                          choices=("randn", "zeros"))
     gamma: float = cli.option(0.8, help="fixed-point correction weight (1: all iterates equal)")
@@ -127,7 +142,8 @@ class TrainConfig:
             raise ValueError(f"z0 must be 'randn' or 'zeros', got {self.z0!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("max_steps", "batch", "steps", "log_every", "sample_every", "ckpt_every", "phantom_steps"):
+        for name in ("max_steps", "batch", "steps", "log_every", "sample_every", "ckpt_every", "phantom_steps",
+                     "jac_reg_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -152,6 +168,19 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip!r}")
+        if self.min_steps is not None and (isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int)
+                                           or not 1 <= self.min_steps <= self.max_steps):
+            raise ValueError(f"min_steps must be an integer in [1, max_steps={self.max_steps}] (or None), "
+                             f"got {self.min_steps!r}")
+        if not isinstance(self.output_norm, bool):
+            raise ValueError(f"output_norm must be true or false, got {self.output_norm!r}")
+        if not (isinstance(self.jac_reg, (int, float)) and math.isfinite(self.jac_reg) and self.jac_reg >= 0):
+            raise ValueError(f"jac_reg must be a finite number >= 0, got {self.jac_reg!r}")
+        if models.PRESETS[self.model]["family"] != "GET":
+            used = [name for name, off in (("min_steps", self.min_steps is None), ("output_norm", not self.output_norm),
+                                           ("jac_reg", self.jac_reg == 0)) if not off]
+            if used:
+                raise ValueError(f"{', '.join(used)} apply to GET students only, not to {self.model}")
 
 
 # -- pieces -----------------------------------------------------------------------------------
@@ -181,7 +210,8 @@ def build_student(config: TrainConfig, image_shape: tuple[int, ...], num_classes
     overrides: dict[str, Any] = {}
     if models.PRESETS[config.model]["family"] == "GET":
         overrides = dict(solver=deqkit.solvers.get(config.solver, **config.solver_args),
-                         backward=make_backward(config), max_steps=config.max_steps)
+                         backward=make_backward(config), max_steps=config.max_steps,
+                         output_norm=config.output_norm)
     return models.build(config.model, img_size=size, channels=channels, num_classes=num_classes or 0, **overrides)
 
 
@@ -210,6 +240,16 @@ def start_points(shape: tuple[int, ...], step: int, seed: int, first: int, count
         key = hashlib.sha256(f"{seed}:{step}:{first + j}".encode()).digest()
         out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(int.from_bytes(key[:8], "little")))
     return out
+
+
+def iterations_at(config: TrainConfig, step: int) -> int:
+    """The number of fixed-point iterations of training step ``step``: ``max_steps``, or with
+    ``min_steps`` a uniform draw from [min_steps, max_steps] seeded by (seed, step) only, so a
+    resumed run and every rank draw the same."""
+    if config.min_steps is None or config.min_steps == config.max_steps:
+        return config.max_steps
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 17)
+    return int(torch.randint(config.min_steps, config.max_steps + 1, (1,), generator=gen))
 
 
 def load_batch(dataset: PairDataset, indices: list[int], device: torch.device, conditional: bool):
@@ -367,8 +407,14 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
                 kwargs["z0"] = start_points(token_shape, step, config.seed, dist.rank * local, local).to(device)
             else:
                 kwargs["z0"] = torch.zeros((local, *token_shape), device=device)
+        if token_shape is not None:
+            kwargs["max_steps"] = iterations_at(config, step)
         result = net(noise, labels, **kwargs)
         loss = distillation_loss(result, target, config.loss, config.gamma)
+        penalty = None
+        if config.jac_reg > 0:
+            penalty = model.jacobian_penalty(result, config.jac_reg_samples)
+            loss = loss + config.jac_reg * penalty
         # the loss of the output image alone: the same quantity for a GET (whose objective sums
         # every iterate) and a ViT, which the report's loss plot compares
         losses = torch.stack([loss.detach(), output_loss(result.images.detach(), target, config.loss)])
@@ -397,6 +443,8 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
             if result.stats is not None:
                 residual = float(result.stats.residual.mean())
                 record["residual"] = residual if math.isfinite(residual) else None  # JSON has no NaN
+            if penalty is not None:
+                record["jac_reg"] = float(penalty.detach())
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(record, allow_nan=False) + "\n")
         if dist.is_main and (step % config.sample_every == 0 or step == end):

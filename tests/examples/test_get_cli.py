@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 import torch
 
-from examples.get_distillation import cli, evaluate, pairs, teacher, train
+from examples.get_distillation import cli, evaluate, nfe_study, pairs, study, teacher, train
 from examples.get_distillation.__main__ import SUBCOMMANDS, build_parser
 from examples.get_distillation.__main__ import main as run_cli
 
@@ -110,7 +110,8 @@ def test_a_run_replays_from_its_config_json(tmp_path, tiny_pairs, capsys):
 
 
 @pytest.mark.parametrize("module, cls", [(train, train.TrainConfig), (teacher, teacher.TeacherConfig),
-                                         (pairs, pairs.PairsConfig), (evaluate, evaluate.EvalConfig)])
+                                         (pairs, pairs.PairsConfig), (evaluate, evaluate.EvalConfig),
+                                         (nfe_study, nfe_study.NfeStudyConfig), (study, study.StudyConfig)])
 def test_every_config_field_is_an_option(module, cls):
     import argparse
 
