@@ -2,8 +2,10 @@
 """Thread settings on a shared CPU: how torch's intra-op threads behave when another process
 competes for the cores.
 
-For each setting (torch's default thread count or one thread; OpenMP's default wait policy
-or ``OMP_WAIT_POLICY=PASSIVE``) and each load (an otherwise idle machine, or one extra busy
+For each setting (torch's default thread count or one thread; OpenMP's default wait policy,
+``OMP_WAIT_POLICY=PASSIVE``, or PASSIVE with ``GOMP_SPINCOUNT=3000``, the GET example's default:
+GNU OpenMP, which torch's Linux wheels use, then spins for about 3,000 iterations before it
+sleeps, while other OpenMP runtimes ignore the variable and sleep at once) and each load (an otherwise idle machine, or one extra busy
 process per ``--competitors``: ``python -c 'while True: pass'``), a fresh process times:
 - a training step of the GET example's EDM teacher (the demo's "digits" preset, batch 128,
   Adam), the median over ``--steps`` steps after two warm-up steps;
@@ -82,7 +84,8 @@ def worker(threads: int | None, steps: int, device: str = "cpu", quick: bool = F
             deqkit.fixed_point(p.f, p.z0, inputs=p.inputs, solver=deqkit.Anderson(m=5), tol=1e-4, max_steps=p.budget)
             if i:
                 solve_times.append(now(dev) - t)
-    return {"threads": torch.get_num_threads(), "teacher_step_s": statistics.median(step_times),
+    return {"threads": torch.get_num_threads(), "environment": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+            "teacher_step_s": statistics.median(step_times),
             "teacher_step_max_s": max(step_times), "anderson_ms": 1e3 * statistics.median(solve_times),
             "anderson_max_ms": 1e3 * max(solve_times)}
 
@@ -135,12 +138,21 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         b.wait()
 
 
-def measure(threads: int | None, passive: bool, competitors: int, steps: int, device: str = "cpu",
+#: OpenMP wait settings: name -> the environment variables a fresh process gets (both unset for
+#: "default"). "spin 3000" is what ``python -m examples.get_distillation`` sets.
+WAIT_SETTINGS: dict[str, dict[str, str]] = {
+    "default": {},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "PASSIVE + spin 3000": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"},
+}
+
+
+def measure(threads: int | None, wait: str, competitors: int, steps: int, device: str = "cpu",
             quick: bool = False) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
-    if passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("GOMP_SPINCOUNT", None)
+    env.update(WAIT_SETTINGS[wait])
     busy = _busy(competitors)
     try:
         job = {"threads": threads, "steps": steps, "device": device, "quick": quick}
@@ -151,7 +163,7 @@ def measure(threads: int | None, passive: bool, competitors: int, steps: int, de
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"torch_threads": threads or "default", "omp_wait_policy": "PASSIVE" if passive else "default",
+    return {"torch_threads": threads or "default", "omp_wait": wait,
             "competitors": competitors, **out}
 
 
@@ -187,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for competitors in (0,) if args.quick else (0, args.competitors):
         for threads in (1,) if args.quick else (None, 1):
-            for passive in (False,) if args.quick else (False, True):
-                row = measure(threads, passive, competitors, steps, str(device), args.quick)
+            for wait in ("default",) if args.quick else tuple(WAIT_SETTINGS):
+                row = measure(threads, wait, competitors, steps, str(device), args.quick)
                 rows.append({**row, "load_average_1min": os.getloadavg()[0]})
                 print(rows[-1], file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -198,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}, "results": rows}
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
     print(header(machine, "threads") + "\n")
-    print("| busy processes | torch threads | OMP_WAIT_POLICY | teacher step (s, median / max) | Anderson solve (ms, median / max) |")
+    print("| busy processes | torch threads | OpenMP wait | teacher step (s, median / max) | Anderson solve (ms, median / max) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['competitors']} | {r['torch_threads']} ({r['threads']}) | {r['omp_wait_policy']} | "
+        print(f"| {r['competitors']} | {r['torch_threads']} ({r['threads']}) | {r['omp_wait']} | "
               f"{r['teacher_step_s']:.3f} / {r['teacher_step_max_s']:.3f} | {r['anderson_ms']:.1f} / {r['anderson_max_ms']:.1f} |")
     return 0
 

@@ -18,8 +18,9 @@ sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_one_setting_in_a_fresh_process():
-    row = threads.measure(1, True, 0, steps=1)
-    assert row["threads"] == 1 and row["omp_wait_policy"] == "PASSIVE" and row["competitors"] == 0
+    row = threads.measure(1, "PASSIVE + spin 3000", 0, steps=1)
+    assert row["threads"] == 1 and row["omp_wait"] == "PASSIVE + spin 3000" and row["competitors"] == 0
+    assert row["environment"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}  # what the worker saw
     assert 0 < row["teacher_step_s"] <= row["teacher_step_max_s"]
     assert 0 < row["anderson_ms"] <= row["anderson_max_ms"]
 
@@ -40,7 +41,7 @@ def test_quick_records_the_device(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["device"] == "cpu" and data["machine"]["device_name"] and data["steps"] == 1
     assert data["machine"]["torch"] == torch.__version__
-    assert [(r["competitors"], r["torch_threads"], r["threads"], r["omp_wait_policy"]) for r in data["results"]] == [
+    assert [(r["competitors"], r["torch_threads"], r["threads"], r["omp_wait"]) for r in data["results"]] == [
         (0, 1, 1, "default")]
     assert data["quick"] is True and data["results"][0]["anderson_ms"] > 0
     assert proc.stdout.startswith(f"threads on cpu ({data['machine']['device_name']}), torch {torch.__version__}")
@@ -58,5 +59,5 @@ def test_names_a_missing_cuda(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_setting_on_cuda():
-    row = threads.measure(1, False, 0, steps=1, device="cuda")
+    row = threads.measure(1, "default", 0, steps=1, device="cuda")
     assert 0 < row["teacher_step_s"] <= row["teacher_step_max_s"] and 0 < row["anderson_ms"]

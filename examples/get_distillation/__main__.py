@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import os
 
-# OpenMP reads its wait policy once, when torch loads it, so this comes before any import of
-# torch (the subcommands' modules import it). PASSIVE: torch's idle worker threads sleep
-# instead of spinning, which on a shared CPU keeps a step within ~3.4x of its idle time beside
-# one busy process instead of 7-25x, for ~34% when the machine is idle (docs/benchmarks.md,
-# "Timing on a shared machine"). A value the user set is kept. Set in os.environ, so every
-# process the demo starts (the side-by-side student) inherits it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP reads its wait settings once, when torch loads it, so this comes before any import of
+# torch (the subcommands' modules import it). After a parallel region OpenMP's idle worker
+# threads spin, waiting for the next one; beside another busy process they then fight it for
+# the cores (a teacher step 7-11x slower). GNU OpenMP (torch's Linux wheels) spins for
+# GOMP_SPINCOUNT iterations before it sleeps: 3000 keeps an idle machine's speed within a few
+# percent and a loaded one's close to PASSIVE's, where PASSIVE alone (sleep at once) costs
+# 15-30% per teacher step when idle. Other OpenMP runtimes ignore GOMP_SPINCOUNT and get
+# PASSIVE. Figures: docs/benchmarks.md, "Timing on a shared machine". A value the user set for
+# either variable is kept, and neither is added then. Set in os.environ, so every process the
+# demo starts (the side-by-side student) inherits them.
+WAIT_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
+if not any(name in os.environ for name in WAIT_SETTINGS):
+    os.environ.update(WAIT_SETTINGS)
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402

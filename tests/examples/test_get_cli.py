@@ -157,30 +157,34 @@ def test_device_cuda_without_cuda_is_one_named_error(sub, tmp_path, capsys):
 _WAIT_POLICY_PROBE = """
 import os, runpy, subprocess, sys
 import examples.get_distillation
-assert "torch" not in sys.modules, "the package imports torch before __main__ can set OMP_WAIT_POLICY"
+assert "torch" not in sys.modules, "the package imports torch before __main__ can set the OpenMP variables"
 sys.argv = ["get_distillation", "--help"]
 try:
     runpy.run_module("examples.get_distillation", run_name="__main__", alter_sys=True)
 except SystemExit as exc:
     assert exc.code == 0, exc.code
-child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
-                       capture_output=True, text=True, check=True).stdout.strip()
-print(os.environ.get("OMP_WAIT_POLICY"), child)
+probe = "import os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"), child)
 """
 
 
-@pytest.mark.parametrize("user_value, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_entry_point_sets_a_passive_openmp_wait_policy_unless_the_user_set_one(user_value, expected):
-    # before torch loads, so that it takes effect; inherited by the processes the demo starts
+@pytest.mark.parametrize("user, expected", [
+    ({}, ["PASSIVE", "3000"]),                              # neither set: both, before torch loads
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ["ACTIVE", "None"]),     # the user's policy alone, no spin count added
+    ({"GOMP_SPINCOUNT": "50"}, ["None", "50"]),              # the user's spin count alone
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, ["PASSIVE", "0"]),
+])
+def test_the_entry_point_sets_openmp_wait_settings_unless_the_user_set_one(user, expected):
+    # before torch loads, so that they take effect; inherited by the processes the demo starts
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if user_value is not None:
-        env["OMP_WAIT_POLICY"] = user_value
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user)
     proc = subprocess.run([sys.executable, "-c", _WAIT_POLICY_PROBE], cwd=Path(__file__).resolve().parents[2], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[-2:] == [expected, expected]
+    assert proc.stdout.split()[-4:] == expected + expected
