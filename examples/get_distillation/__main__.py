@@ -12,8 +12,8 @@ import os
 # torch (the subcommands' modules import it). After a parallel region OpenMP's idle worker
 # threads spin, waiting for the next one; beside another busy process they then fight it for
 # the cores (a teacher step 7-11x slower). GNU OpenMP (torch's Linux wheels) spins for
-# GOMP_SPINCOUNT iterations before it sleeps: 3000 keeps an idle machine's speed within a few
-# percent and a loaded one's close to PASSIVE's, where PASSIVE alone (sleep at once) costs
+# GOMP_SPINCOUNT iterations before it sleeps: 3000 keeps an idle machine's speed within 7-12%
+# of the default and a loaded one's close to PASSIVE's, where PASSIVE alone (sleep at once) costs
 # 15-30% per teacher step when idle. Other OpenMP runtimes ignore GOMP_SPINCOUNT and get
 # PASSIVE. Figures: docs/benchmarks.md, "Timing on a shared machine". A value the user set for
 # either variable is kept, and neither is added then. Set in os.environ, so every process the
@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "evaluate students against the teacher: quality, teacher match, speed, NFE sweep"),
     "nfe-study": ("nfe_study", "GET students' residual and quality against solver NFE (FixedPoint, Anderson, Broyden)"),
     "study": ("study", "train the student stage over several seeds on existing pairs; mean and spread of every figure"),
+    "scaling": ("scaling", "GET and ViT students of several sizes from seed studies: quality against parameters and MACs"),
     "demo": ("demo", "the end-to-end demo on the bundled digits (teacher -> pairs -> students -> report)"),
 }
 

@@ -192,6 +192,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         seconds = _throughput(lambda: _run_models(model, speed_noise, speed_labels, config.batch), config.speed_repeats)
         row = {
             "run": str(run), "model": name, "label": label or name, "params": models.count_params(model),
+            "macs": models.macs(model),  # per image, one call (a GET: its trained iterations)
             "backward": tcfg.backward, "solver": tcfg.solver, "train_steps": tcfg.steps,
             "quality": _quality(images, labels, cache, digits),
             "teacher_match": {"mse": metrics.mse(h_out, h_target), "psnr": metrics.psnr(h_out, h_target),

@@ -412,6 +412,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ViT-Tiny/2": dict(family="ViT", dim=64, heads=4, depth=6),
     "GET-Tiny/4": dict(family="GET", dim=64, heads=4, depth_injection=2, eq_mlp_ratio=4, patch=4),
     "ViT-Tiny/4": dict(family="ViT", dim=64, heads=4, depth=6, patch=4),
+    # Half and twice Tiny/4's width (head width 16 throughout), for the parameter-efficiency
+    # study at the digits' scale (about 0.08M/0.08M and 1.1M/1.2M parameters); not the paper's
+    # GET-S/2 and ViT-S/2.
+    "GET-Nano/4": dict(family="GET", dim=32, heads=2, depth_injection=2, eq_mlp_ratio=4, patch=4),
+    "ViT-Nano/4": dict(family="ViT", dim=32, heads=2, depth=6, patch=4),
+    "GET-Small/4": dict(family="GET", dim=128, heads=8, depth_injection=2, eq_mlp_ratio=4, patch=4),
+    "ViT-Small/4": dict(family="ViT", dim=128, heads=8, depth=6, patch=4),
 }
 
 

@@ -66,6 +66,16 @@ def test_cpu_presets_are_comparable_in_size(patch):
     assert abs(count_params(vit) / count_params(get) - 1) < 0.06
 
 
+@pytest.mark.parametrize("size, dim, params", [("Nano", 32, (0.07e6, 0.08e6)), ("Tiny", 64, (0.28e6, 0.31e6)),
+                                                ("Small", 128, (1.1e6, 1.2e6))])
+def test_the_scaling_presets_double_the_width_at_head_width_16(size, dim, params):
+    get, vit = tiny(f"GET-{size}/4"), tiny(f"ViT-{size}/4")
+    for name, model in ((f"GET-{size}/4", get), (f"ViT-{size}/4", vit)):
+        assert model.dim == dim and model.patch == 4 and dim // PRESETS[name]["heads"] == 16
+        assert params[0] <= count_params(model) <= params[1]
+    assert abs(count_params(vit) / count_params(get) - 1) < 0.06
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_its_family(name):
     with torch.device("meta"):

@@ -110,3 +110,12 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     stamp = (out / "seed-4" / "eval" / "report.json").stat().st_mtime
     assert run_cli(argv) == 0
     assert (out / "seed-4" / "eval" / "report.json").stat().st_mtime == stamp
+    # the GET's MACs count its trained iterations; the scaling table reads the study as it is
+    from examples.get_distillation import models
+
+    assert get["macs"]["values"] == [float(models.macs(models.build("GET-Tiny/4", img_size=8, channels=1)))] * 2
+    assert run_cli(["scaling", "--study", str(out), "--out", str(tmp_path / "scaling")]) == 0
+    table = json.loads((tmp_path / "scaling" / "scaling.json").read_text())
+    assert [(r["model"], r["family"], len(r["seeds"])) for r in table["rows"]] == [("GET-Tiny/4", "GET", 2),
+                                                                                  ("ViT-Tiny/4", "ViT", 2)]
+    assert table["rows"][0]["fd"]["values"] == get["quality/fd_digits"]["values"]
