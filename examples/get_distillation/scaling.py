@@ -76,7 +76,7 @@ def collect(results: list[tuple[str, dict]]) -> dict[str, Any]:
             row: dict[str, Any] = {"study": folder, "label": label, "model": model,
                                    "family": "GET" if model.startswith("GET") else "ViT",
                                    "params": figures["params"]["mean"], "macs": figures["macs"]["mean"],
-                                   "steps": settings["steps"], "seeds": result["seeds"]}
+                                   "steps": settings["steps"], "lr": settings.get("lr"), "seeds": result["seeds"]}
             for name, key in METRICS:
                 row[name] = figures[key]
             if "train_seconds" in figures:
@@ -116,15 +116,15 @@ def markdown(table: dict) -> str:
     rows = table["rows"]
     seeds = sorted({len(r["seeds"]) for r in rows})
     lines = ["# GET and ViT against size", "",
-             f"Each row: one student preset, trained on the same pairs with the same recipe and budget over "
+             f"Each row: one student preset, trained on the same pairs over "
              f"{' / '.join(map(str, seeds))} seeds; mean +- sample std (min-max) over the seeds. MACs: multiply-"
              "accumulates per image of one network call (a GET's trained iterations included)."
              + (f" The teacher's FD-digits: {table['teacher_fd']['mean']:.2f}." if table.get("teacher_fd") else ""), "",
-             "| student | params | MACs / image | steps | FD-digits | teacher PSNR (dB) | class accuracy | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| student | params | MACs / image | steps | peak lr | FD-digits | teacher PSNR (dB) | class accuracy | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seconds = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "-"
-        lines.append(f"| {r['label']} | {r['params'] / 1e6:.3f}M | {r['macs'] / 1e6:.2f}M | {r['steps']} | {_pm(r['fd'])} | "
+        lines.append(f"| {r['label']} | {r['params'] / 1e6:.3f}M | {r['macs'] / 1e6:.2f}M | {r['steps']} | {r['lr']:g} | {_pm(r['fd'])} | "
                      f"{_pm(r['psnr'])} | {_pm(r['accuracy'], 3)} | {seconds} |")
     if table["comparisons"]:
         lines += ["", "GET against ViT: the difference of mean FD-digits (GET - ViT; negative: the GET is better) "

@@ -25,7 +25,7 @@ def _study(tmp_path, name: str, per_seed: dict[str, list[tuple[float, float, flo
                 "students": [_row(m, *sizes[m], *per_seed[m][s]) for m in per_seed]} for s in range(seeds)]
     figures, missing = study.aggregate(reports)
     result = {"config": {**CONFIG, **(config or {})}, "seeds": list(range(seeds)), "figures": figures, "missing": missing,
-              "students": [{"name": m.lower(), "settings": {"model": m, "steps": steps}} for m in per_seed]}
+              "students": [{"name": m.lower(), "settings": {"model": m, "steps": steps, "lr": 2e-3}} for m in per_seed]}
     folder = tmp_path / name
     folder.mkdir()
     (folder / "study.json").write_text(json.dumps(result))
@@ -57,7 +57,7 @@ def test_rows_comparisons_and_files_by_hand(tmp_path):
     assert verdicts[("GET-Tiny/4", "ViT-Nano/4")]["verdict"] == "GET better"   # -1.1 against 0.42
     assert verdicts[("GET-Nano/4", "ViT-Small/4")]["verdict"] == "GET better"  # -1.15 against 0.14
     text = (tmp_path / "out" / "scaling.md").read_text()
-    assert "| GET-Tiny/4 | 0.000M | 0.02M | 4000 | 2.10 +- 0.14 (2.00-2.20) |" in text
+    assert "| GET-Tiny/4 | 0.000M | 0.02M | 4000 | 0.002 | 2.10 +- 0.14 (2.00-2.20) |" in text
     assert "| GET-Tiny/4 | ViT-Small/4 | 4.00x | 1.19x | -0.05 | 0.28 | level |" in text
     assert "teacher's FD-digits: 1.10" in text and (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
 
