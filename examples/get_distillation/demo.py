@@ -38,6 +38,9 @@ class DemoConfig:
     heun_steps: int = cli.option(18, help="the teacher's Heun steps (NFE = 2 steps - 1)")
     student: str = cli.option("GET-Tiny/4", help="the student preset", choices=lambda: list(models.PRESETS))
     baseline: str = cli.option("ViT-Tiny/4", help="the baseline preset", choices=lambda: list(models.PRESETS))
+    output_norm: bool = cli.option(True, help="end the GET student's map with a LayerNorm (train's --output-norm: a map "
+                                   "with a fixed point that the solvers reach, quality level with GET's own recipe over "
+                                   "3 seeds); --no-output-norm: GET's own recipe")
     student_steps: int = cli.option(7500, help="student training steps")
     student_batch: int = cli.option(64, help="student batch size")
     student_lr: float = cli.option(2e-3, help="students' peak lr: linear warm-up, then cosine decay to 0")
@@ -121,9 +124,11 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
                                  lr=config.student_lr, lr_schedule="cosine", warmup=config.student_warmup,
                                  grad_clip=config.student_grad_clip, batch=config.student_batch, steps=steps,
                                  ema_decay=config.ema_decay, seed=config.seed, log_every=max(steps // 100, 1),
+                                 output_norm=config.output_norm and models.PRESETS[model]["family"] == "GET",
                                  sample_every=max(steps // 3, 1), ckpt_every=max(steps // 6, 1))
 
     student, baseline = student_config(config.student), student_config(config.baseline)
+    _check_earlier_student(student)
     runs = [student.out, baseline.out]
     if config.parallel_students:
         stage(f"3-4/5 students {config.student} and {config.baseline} (same pairs, same budget), "
@@ -147,6 +152,19 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
     common.atomic_write_bytes(out / "report.md", evaluate.markdown(report).encode())
     return report
+
+
+def _check_earlier_student(student: train.TrainConfig) -> None:
+    """A student run in the demo folder that a demo of other defaults trained (before the GET
+    student took --output-norm): say how to reuse it or start afresh, before any training."""
+    path = Path(student.out) / "config.json"
+    if not path.exists():
+        return
+    earlier = common.read_json(path, "student config")
+    if earlier.get("output_norm", False) != student.output_norm:
+        flag = "--output-norm" if earlier.get("output_norm", False) else "--no-output-norm"
+        raise ValueError(f"{student.out} holds a {student.model} trained with output_norm={earlier.get('output_norm', False)} "
+                         f"(an earlier demo's recipe); rerun with {flag} to reuse it, or give another --out")
 
 
 def _exit_with_parent() -> None:

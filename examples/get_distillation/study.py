@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from . import cli, common, evaluate, train
+from . import cli, common, evaluate, models, train
 
 # report keys that describe a run rather than measure it: left out of the aggregate
 NOT_FIGURES = {"config", "image_shape", "num_classes", "teacher_nfe", "run", "model", "label", "backward", "solver",
@@ -83,6 +83,7 @@ def demo_students() -> list[train.TrainConfig]:
     return [train.TrainConfig(pairs="", out=model.replace("/", "_"), model=model, lr=d.student_lr, lr_schedule="cosine",
                               warmup=d.student_warmup, grad_clip=d.student_grad_clip, batch=d.student_batch, steps=steps,
                               ema_decay=d.ema_decay, log_every=max(steps // 100, 1), sample_every=steps,
+                              output_norm=d.output_norm and models.PRESETS[model]["family"] == "GET",
                               ckpt_every=max(steps // 6, 1))
             for model in (d.student, d.baseline)]
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+
+import pytest
 
 from examples.get_distillation import demo
 
@@ -47,6 +50,14 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     # a rerun reuses every finished stage and reproduces the report's numbers
     again = demo.run(demo.DemoConfig.quick(str(out)), progress=False)
     assert again["students"][0]["teacher_match"] == report["students"][0]["teacher_match"]
+    # the GET student ends its map with a LayerNorm (the ViT has no such option)...
+    assert json.loads((out / "GET-Tiny_4" / "config.json").read_text())["output_norm"] is True
+    assert json.loads((out / "ViT-Tiny_4" / "config.json").read_text())["output_norm"] is False
+    # ...and a demo of the other recipe over this folder says how to reuse it, before any training
+    stamp = (out / "GET-Tiny_4" / "checkpoint.pt").stat().st_mtime
+    with pytest.raises(ValueError, match="trained with output_norm=True .* rerun with --output-norm to reuse it"):
+        demo.run(dataclasses.replace(demo.DemoConfig.quick(str(out)), output_norm=False), progress=False)
+    assert (out / "GET-Tiny_4" / "checkpoint.pt").stat().st_mtime == stamp
 
     # two runs of one preset get their own rows, sample grids and sweep plots
     import shutil
@@ -70,7 +81,6 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
 def test_a_failed_side_by_side_run_is_named_and_stops_the_other_at_once(tmp_path, tiny_pairs):
     """The second student trains in a child process; its failure stops the demo's own run at
     once (not after it finishes) with an error naming the child's model."""
-    import dataclasses
 
     import pytest
     import torch
