@@ -1,6 +1,6 @@
 """The end-to-end demo on the bundled digits: teacher -> pairs -> GET student (+ ViT) -> report.
 
-    python -m examples.get_distillation demo --out runs/demo           # about 17 min on 2 CPU cores
+    python -m examples.get_distillation demo --out runs/demo           # 17-20 min on 2 CPU cores
     python -m examples.get_distillation demo --quick                   # a smoke test, 15-20 s on 2 shared cores, in runs/demo-quick
     python -m examples.get_distillation demo --quick --student-steps 100   # any size is an option
 
@@ -17,6 +17,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -179,13 +180,29 @@ def _exit_with_parent() -> None:
     os._exit(1)
 
 
-def _train_worker(config: dict, threads: int, seconds) -> None:
+def _widen_when(done, threads: int) -> Callable[[int], None]:
+    """An ``on_step`` for ``train.train``: once ``done`` (an event) is set, this process trains
+    with ``threads`` threads. Called in the training thread: torch's thread count is per thread
+    under OpenMP, so another thread cannot change it."""
+    widened = False
+
+    def on_step(step: int) -> None:
+        nonlocal widened
+        if not widened and done.is_set():
+            torch.set_num_threads(threads)
+            widened = True
+
+    return on_step
+
+
+def _train_worker(config: dict, threads: int, seconds, parent_done=None, all_threads: int = 1) -> None:
     import threading
 
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     torch.set_num_threads(threads)
+    on_step = _widen_when(parent_done, all_threads) if parent_done is not None else None
     t = time.perf_counter()
-    train.train(common.config_from_dict(train.TrainConfig, config), progress=False)
+    train.train(common.config_from_dict(train.TrainConfig, config), progress=False, on_step=on_step)
     seconds.value = time.perf_counter() - t
 
 
@@ -193,7 +210,8 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     """Train ``second`` in a child process while this one trains ``first``, each with half the
     threads. The students' steps are many small operations that a second thread speeds up
     little, so two single-threaded runs on two cores finish much sooner than one after the
-    other. Returns each run's seconds.
+    other; the run that finishes first leaves its threads to the other, which takes all of them
+    from its next step on. Returns each run's seconds.
 
     If the child fails, this process stops its own run at once and raises an error naming the
     child's model; if this process fails or is interrupted, the child is stopped; if it is
@@ -205,12 +223,14 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     import multiprocessing.connection
     import threading
 
-    threads = max(torch.get_num_threads() // 2, 1)
+    previous = torch.get_num_threads()
+    threads = max(previous // 2, 1)
     ctx = multiprocessing.get_context("spawn")
-    seconds = ctx.Value("d", float("nan"))
-    child = ctx.Process(target=_train_worker, args=(common.config_to_dict(second), threads, seconds),
+    seconds, parent_done = ctx.Value("d", float("nan")), ctx.Event()
+    child = ctx.Process(target=_train_worker, args=(common.config_to_dict(second), threads, seconds, parent_done,
+                                                    previous),
                         name=f"train {second.model}", daemon=True)
-    child_failed, finished, lock = threading.Event(), threading.Event(), threading.Lock()
+    child_failed, child_done, finished, lock = threading.Event(), threading.Event(), threading.Event(), threading.Lock()
 
     def exit_code() -> int:
         # two threads wait for the child; the one that does not reap it sees the code shortly after
@@ -221,12 +241,13 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
 
     def watch() -> None:  # stop this process's run as soon as the child fails
         code = exit_code()
+        if code == 0:  # the run that finishes first leaves its cores to the other one
+            child_done.set()
         with lock:  # interrupt only while the main thread is still inside the try below
             if code != 0 and not finished.is_set():
                 child_failed.set()
                 _thread.interrupt_main()
 
-    previous = torch.get_num_threads()
     t = time.perf_counter()
     child.start()
     print(f"{second.model} trains in a second process (pid {child.pid}; {threads} thread(s) each); "
@@ -235,8 +256,9 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     timings: dict[str, float] = {}
     try:
         torch.set_num_threads(threads)
-        train.train(first, progress=progress)
+        train.train(first, progress=progress, on_step=_widen_when(child_done, previous))
         timings[first.model] = time.perf_counter() - t
+        parent_done.set()
         exit_code()
         with lock:
             finished.set()

@@ -285,19 +285,22 @@ def _set_rng_state(state: dict) -> None:
 
 
 # -- the loop ---------------------------------------------------------------------------------
-def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] = None,
+          on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary. ``stop_after`` ends early at that step
-    (for tests that simulate a kill)."""
+    (for tests that simulate a kill); ``on_step(step)`` is called after every optimisation step,
+    in this thread (the demo uses it to widen a run's threads once the run beside it is done)."""
     config.validate()
     common.check_device(config.device)
     dist = common.init_distributed(config.device)
     try:
-        return _train(config, dist, progress, stop_after)
+        return _train(config, dist, progress, stop_after, on_step)
     finally:
         common.cleanup_distributed(dist)
 
 
-def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_after: Optional[int]) -> dict[str, Any]:
+def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_after: Optional[int],
+           on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     out = Path(config.out)
     if config.batch % dist.world_size:
         raise ValueError(f"batch {config.batch} must be divisible by the number of processes ({dist.world_size})")
@@ -309,7 +312,7 @@ def _train(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_afte
         num_items = config.num_pairs
     data = dataset.provenance(num_items)
     with common.folder_lock(out, dist.rank, dist.world_size):
-        return _train_locked(config, dist, progress, stop_after, dataset, num_items, data)
+        return _train_locked(config, dist, progress, stop_after, dataset, num_items, data, on_step)
 
 
 # settings a resumed run may change: where things are (the data is checked by its provenance),
@@ -346,7 +349,8 @@ def _all_finite(*modules: nn.Module) -> bool:
 
 
 def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, stop_after: Optional[int],
-                  dataset: PairDataset, num_items: int, data: dict) -> dict[str, Any]:
+                  dataset: PairDataset, num_items: int, data: dict,
+                  on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     out = Path(config.out)
     device = dist.device
     num_classes = dataset.num_classes
@@ -439,7 +443,7 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
             bar.set_postfix(loss=f"{last:.4f}")
         if dist.is_main and (step % config.log_every == 0 or step == end):
             record = {"step": step, "loss": last, "output_loss": float(losses[1]), "lr": lr_at(config, step - 1),
-                      "seconds": round(time.perf_counter() - t0, 3)}
+                      "seconds": round(time.perf_counter() - t0, 3), "threads": torch.get_num_threads()}
             if result.stats is not None:
                 residual = float(result.stats.residual.mean())
                 record["residual"] = residual if math.isfinite(residual) else None  # JSON has no NaN
@@ -466,6 +470,8 @@ def _train_locked(config: TrainConfig, dist: common.DistInfo, progress: bool, st
                 })
             last_saved = step
             common.barrier(dist.world_size)
+        if on_step is not None:
+            on_step(step)
     if bar is not None:
         bar.close()
     if dist.is_main:

@@ -152,6 +152,63 @@ def test_the_child_run_exits_when_the_demo_process_is_killed(tmp_path, tiny_pair
         raise AssertionError("the child kept training after the demo process was killed")
 
 
+def test_the_run_that_finishes_first_leaves_its_threads_to_the_other(tmp_path, tiny_pairs, monkeypatch):
+    """Side by side, each run starts with half the threads; once one is done, the other trains
+    with all of them from its next step on, whichever of the two (this process or the child)
+    finishes first. Each step's thread count is in the run's log."""
+    import time
+
+    import torch
+
+    from examples.get_distillation import train
+
+    def threads_logged(run) -> list[int]:
+        return [json.loads(line)["threads"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+    pair_dir = tiny_pairs(tmp_path, 32, heun_steps=2)
+    base = train.TrainConfig(pairs=str(pair_dir), out="", model="ViT-Tiny/4", batch=8, log_every=1,
+                             sample_every=10_000, ckpt_every=10_000)
+    real_train = train.train
+
+    def wait_for_the_child(config, progress=True, stop_after=None, on_step=None):
+        """This process's run: after its first step, wait until the child's run is done, so the
+        widening is seen whatever the machine's speed (the child is spawned: it imports the real
+        train)."""
+        def step_hook(step: int) -> None:
+            if step == 1:
+                log, deadline = tmp_path / "short" / "log.jsonl", time.time() + 120
+                while time.time() < deadline and not (log.exists() and '"step": 5,' in log.read_text()):
+                    time.sleep(0.1)
+                time.sleep(3)  # the child exits after its last checkpoint
+            on_step(step)
+        return real_train(config, progress, stop_after, step_hook)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # the child finishes first: this process widens
+        long_run = dataclasses.replace(base, out=str(tmp_path / "long"), steps=60)
+        short_run = dataclasses.replace(base, out=str(tmp_path / "short"), steps=5)
+        monkeypatch.setattr(train, "train", wait_for_the_child)
+        timings = demo._train_side_by_side(long_run, short_run, progress=False)
+        monkeypatch.setattr(train, "train", real_train)
+        assert list(timings) == ["ViT-Tiny/4"]  # both runs are of one preset: one key
+        assert threads_logged(tmp_path / "short") == [1] * 5
+        logged = threads_logged(tmp_path / "long")
+        assert logged[0] == 1 and logged[1:] == [2] * 59  # widened after the step that waited
+        assert torch.get_num_threads() == 2
+        # this process finishes first: the child widens
+        quick = dataclasses.replace(base, out=str(tmp_path / "quick"), steps=2)
+        slow = dataclasses.replace(base, out=str(tmp_path / "slow"), steps=400)
+        demo._train_side_by_side(quick, slow, progress=False)
+        assert threads_logged(tmp_path / "quick") == [1, 1]
+        logged = threads_logged(tmp_path / "slow")
+        assert logged[0] == 1 and logged[-1] == 2 and set(logged) == {1, 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_quick_and_full_demos_default_to_separate_folders(capsys):
     import argparse
 
