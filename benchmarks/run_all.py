@@ -56,15 +56,14 @@ class Stage:
         return HERE / f"{self.name}.py"
 
 
-LATER = "comes with another branch of issue 15"
 REGISTRY: tuple[Stage, ...] = (
     Stage("convergence", (("--repeats", "3"),), (("--quick",), ("--repeats", "1")), 100),
     Stage("backward", (), (("--quick",), ("--in-process",), ("--repeats", "1")), 60),
     Stage("compat", (("--repeats", "30"),), (("--quick",), ("--repeats", "1")), 40),
     Stage("threads", (("--steps", "4"),), (("--quick",),), 70),
     Stage("overhead", (("--repeats", "5"),), (("--quick",), ("--repeats", "1")), 60),
-    Stage("trained", (), (("--quick",),), 70, note=LATER),
-    Stage("compile", (), (("--quick",),), 50, note=LATER),
+    Stage("trained", (), (("--quick",),), 70),
+    Stage("compile", (), (("--quick",),), 50),
 )
 TOTAL_BUDGET_S = 480.0
 

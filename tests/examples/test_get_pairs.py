@@ -142,7 +142,7 @@ def test_two_gloo_ranks_under_torchrun_match_one_process(teacher_ckpt, tmp_path)
                                   pairs.pair_inputs([3], (1, 8, 8), 10)[0][0].numpy())
 
 
-# -- issue 13: growth, locks, untrusted files, what "the same pair" guarantees ----------------
+# -- growth, locks, untrusted files, what "the same pair" guarantees ----------------
 
 
 def test_growing_a_folder_gives_exactly_what_a_fresh_run_makes(teacher_ckpt, tmp_path):

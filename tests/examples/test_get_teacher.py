@@ -133,7 +133,7 @@ def test_edm_pickle_errors_are_clear(tmp_path):
         adapters.load_edm_pickle(tmp_path / "edm.pkl", trust=True)
 
 
-# -- issue 13: validation up front, locks, non-checkpoint files, moved folders, non-finite loss --
+# -- validation up front, locks, non-checkpoint files, moved folders, non-finite loss --
 
 
 @pytest.mark.parametrize("argv, message", [

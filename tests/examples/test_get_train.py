@@ -229,7 +229,7 @@ def test_batches_are_disjoint_across_ranks_and_cover_an_epoch():
     assert sorted(seen) == list(range(64))
 
 
-# -- issue 13: non-finite training, provenance, locks, reruns, moved folders ------------------
+# -- non-finite training, provenance, locks, reruns, moved folders ------------------
 
 
 def _main(*argv: str) -> int:
