@@ -69,6 +69,33 @@ def test_a_vit_ahead_by_more_than_the_spread():
     assert c["verdict"] == "ViT better" and c["fd_difference"] == pytest.approx(1.0)
     rows[1]["fd"]["std"] = 0.9  # 1.0 against 1.0: not larger, so level
     assert scaling.compare(rows)[0]["verdict"] == "level"
+    rows[1]["fd"].update(mean=2.5, std=0.1)  # ahead by 0.5 against 0.2: still the ViT
+    assert scaling.compare(rows)[0]["verdict"] == "ViT better"
+
+
+def test_rows_of_evaluate_labels_train_seconds_and_no_teacher(tmp_path):
+    a = _study(tmp_path, "a", {"GET-Tiny/4": [(2.0, 20.0, 0.9)]}, SIZES)
+    result = json.loads((a / "study.json").read_text())
+    figures = result["figures"]
+    figures["GET-Tiny/4 (seed-0)"] = figures.pop("GET-Tiny/4")  # evaluate's label for a run of a preset
+    figures["GET-Tiny/4 (seed-0)"]["train_seconds"] = study.spread([30.0, 50.0])
+    del figures["teacher"]
+    [row] = scaling.collect([(str(a), result)])["rows"]
+    assert row["model"] == "GET-Tiny/4" and row["label"] == "GET-Tiny/4 (seed-0)" and row["train_seconds"] == 40.0
+    assert scaling.collect([(str(a), result)])["teacher_fd"] is None
+    del figures["GET-Tiny/4 (seed-0)"]["train_seconds"]
+    assert "train_seconds" not in scaling.collect([(str(a), result)])["rows"][0]
+
+
+def test_a_student_without_settings_and_a_study_without_students_are_named(tmp_path):
+    a = _study(tmp_path, "a", {"GET-Tiny/4": [(2.0, 20.0, 0.9)]}, SIZES)
+    result = json.loads((a / "study.json").read_text())
+    result["figures"]["ViT-Huge/4"] = result["figures"]["GET-Tiny/4"]
+    with pytest.raises(ValueError, match=f"^{a}: no student settings for 'ViT-Huge/4'$"):
+        scaling.collect([(str(a), result)])
+    result["figures"] = {"teacher": result["figures"]["teacher"]}
+    with pytest.raises(ValueError, match="^the studies hold no students$"):
+        scaling.collect([(str(a), result)])
 
 
 def test_the_figure_has_a_line_per_family_and_the_teacher(tmp_path):
@@ -86,7 +113,7 @@ def test_the_figure_has_a_line_per_family_and_the_teacher(tmp_path):
 def test_studies_that_do_not_compare_are_refused(tmp_path, key):
     a = _study(tmp_path, "a", {"GET-Tiny/4": [(2.0, 20.0, 0.9)]}, SIZES)
     b = _study(tmp_path, "b", {"ViT-Nano/4": [(3.0, 18.0, 0.8)]}, SIZES, config={key: 7})
-    with pytest.raises(ValueError, match=f"differ in {key}"):
+    with pytest.raises(ValueError, match=f"differ in {key} .*; their figures do not compare$"):
         scaling.run(scaling.ScalingConfig(out=str(tmp_path / "o"), studies=[str(a), str(b)]))
     assert not (tmp_path / "o").exists()
 
@@ -95,8 +122,10 @@ def test_a_study_without_macs_is_named(tmp_path):
     a = _study(tmp_path, "a", {"GET-Tiny/4": [(2.0, 20.0, 0.9)]}, SIZES)
     result = json.loads((a / "study.json").read_text())
     del result["figures"]["GET-Tiny/4"]["macs"]
+    del result["figures"]["GET-Tiny/4"]["params"]
     (a / "study.json").write_text(json.dumps(result))
-    with pytest.raises(ValueError, match="GET-Tiny/4 lacks macs"):
+    with pytest.raises(ValueError, match=r"GET-Tiny/4 lacks params, macs \(a study from before MACs were reported\? "
+                                         r"rerun its evaluations\)$"):
         scaling.run(scaling.ScalingConfig(out=str(tmp_path / "o"), studies=[str(a)]))
 
 

@@ -44,12 +44,34 @@ def test_aggregate_by_hand():
     assert missing == ["GET-Tiny/4: train_seconds"] and "train_seconds" not in figures["GET-Tiny/4"]
 
 
+def test_figures_of_leaves_out_flags_and_names_list_items_without_nfe_by_index():
+    report = _report(2.0, 20.0, [18.0, 19.0, 19.5], extra={"label": "GET-Tiny/4 (run-a)", "grad_finite": True,
+                                                           "losses": [0.5, 0.25], "note": None})
+    del report["teacher"]
+    figures = study.figures_of(report)
+    assert list(figures) == ["GET-Tiny/4 (run-a)"]  # the label, not the model; no teacher in the report
+    row = figures["GET-Tiny/4 (run-a)"]
+    assert "grad_finite" not in row and "note" not in row  # a flag and a null are not figures
+    assert row["losses/0"] == 0.5 and row["losses/1"] == 0.25  # a list with no nfe beside it: by index
+    # a sweep longer than its nfe list: the points past it are named by index
+    assert row["nfe_sweep/FixedPoint/psnr/nfe=2"] == 19.0 and row["nfe_sweep/FixedPoint/psnr/2"] == 19.5
+    assert study.figures_of({"teacher": {"quality": {"fd_digits": 1.5}}}) == {"teacher": {"quality/fd_digits": 1.5}}
+
+
+def test_train_seconds_is_the_last_logged_and_none_without_a_log(tmp_path):
+    assert study._train_seconds(tmp_path) is None  # no log.jsonl
+    (tmp_path / "log.jsonl").write_text("")
+    assert study._train_seconds(tmp_path) is None  # killed before its first record
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "seconds": 2.5}\n\n{"step": 2, "seconds": 4.0}\n')
+    assert study._train_seconds(tmp_path) == 4.0
+
+
 def test_spread_of_one_value_and_of_a_nan():
     assert study.spread([3.0]) == {"mean": 3.0, "std": 0.0, "min": 3.0, "max": 3.0, "values": [3.0]}
     assert math.isnan(study.spread([1.0, float("nan")])["mean"])
-    with pytest.raises(ValueError, match="no values"):
+    with pytest.raises(ValueError, match="^spread of no values$"):
         study.spread([])
-    with pytest.raises(ValueError, match="at least one report"):
+    with pytest.raises(ValueError, match="^aggregate needs at least one report$"):
         study.aggregate([])
 
 
