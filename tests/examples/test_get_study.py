@@ -56,6 +56,8 @@ def test_figures_of_leaves_out_flags_and_names_list_items_without_nfe_by_index()
     # a sweep longer than its nfe list: the points past it are named by index
     assert row["nfe_sweep/FixedPoint/psnr/nfe=2"] == 19.0 and row["nfe_sweep/FixedPoint/psnr/2"] == 19.5
     assert study.figures_of({"teacher": {"quality": {"fd_digits": 1.5}}}) == {"teacher": {"quality/fd_digits": 1.5}}
+    del report["students"][0]["label"]  # a report from before labels: the model names the row
+    assert list(study.figures_of(report)) == ["GET-Tiny/4"]
 
 
 def test_train_seconds_is_the_last_logged_and_none_without_a_log(tmp_path):
@@ -68,7 +70,9 @@ def test_train_seconds_is_the_last_logged_and_none_without_a_log(tmp_path):
 
 def test_spread_of_one_value_and_of_a_nan():
     assert study.spread([3.0]) == {"mean": 3.0, "std": 0.0, "min": 3.0, "max": 3.0, "values": [3.0]}
-    assert math.isnan(study.spread([1.0, float("nan")])["mean"])
+    nan = study.spread([1.0, float("nan")])
+    assert set(nan) == {"mean", "std", "min", "max", "values"} and nan["values"][0] == 1.0
+    assert all(math.isnan(nan[k]) for k in ("mean", "std", "min", "max"))
     with pytest.raises(ValueError, match="^spread of no values$"):
         study.spread([])
     with pytest.raises(ValueError, match="^aggregate needs at least one report$"):
