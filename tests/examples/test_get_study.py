@@ -68,6 +68,14 @@ def test_train_seconds_is_the_last_logged_and_none_without_a_log(tmp_path):
     assert study._train_seconds(tmp_path) == 4.0
 
 
+def test_a_student_missing_from_one_seed_is_named_not_aggregated():
+    one, other = _report(2.0, 20.0, [18.0, 19.0]), _report(3.0, 21.0, [18.0, 19.0])
+    other["students"] = []
+    figures, missing = study.aggregate([one, other])
+    assert list(figures) == ["teacher"] and "GET-Tiny/4: quality/fd_digits" in missing
+    assert len(missing) == 5  # params, FD-digits, PSNR and the two sweep points
+
+
 def test_spread_of_one_value_and_of_a_nan():
     assert study.spread([3.0]) == {"mean": 3.0, "std": 0.0, "min": 3.0, "max": 3.0, "values": [3.0]}
     nan = study.spread([1.0, float("nan")])
