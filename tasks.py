@@ -55,7 +55,7 @@ def pytest_args(rest: list[str], cpus: int | None = None) -> list[str]:
     turns xdist off. Most tests are small, and many start a process and wait for it, so two
     workers on 2 cores run the suite in 450 s instead of 716 s."""
     cpus = os.cpu_count() if cpus is None else cpus
-    chosen = any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in rest)
+    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) for a in rest)
     off = any(a in ("no:xdist", "-pno:xdist") for a in rest)
     workers = min(cpus or 1, 4)
     if chosen or off or workers < 2:
