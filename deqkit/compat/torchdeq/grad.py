@@ -1,101 +1,111 @@
 """torchdeq's gradient functors: phantom gradient steps and implicit differentiation (IFT).
 
-``backward_factory(grad_type, ...)`` returns ``produce(trainer, func, z_pred, writer=None)``
--> list of states carrying the gradient. ``grad_type`` is an int ``k`` (``k`` damped steps
-``z <- tau f(z) + (1 - tau) z`` from ``z_pred``, back-propagated through) or ``'ift'``
-(one step ``f(z_pred)`` whose gradient is replaced by the solution of the adjoint fixed point
-``g = J^T g + grad``, solved with ``b_solver`` from zero).
+``backward_factory(grad_type, ...)`` returns ``produce(trainer, func, z_pred, writer=None)`` ->
+a list of states carrying the gradient. ``grad_type`` is an int ``k`` (``k`` damped steps
+``z <- tau f(z) + (1 - tau) z`` from ``z_pred``, back-propagated through; ``sup_gap`` /
+``sup_loc`` keep some of them) or ``'ift'``: one step ``f(z_pred)`` whose incoming gradient
+``grad`` is replaced by the solution of the adjoint fixed point ``g = J^T g + grad``, solved
+with ``b_solver`` from zero. Like torchdeq, ``hook_ift=False`` takes ``J`` at ``f(z_pred)``
+and ``hook_ift=True`` at ``z_pred`` (through the forward's own graph).
 
-Differences from torchdeq: ``hook_ift=True`` runs the same bounded implicit backward as
-``hook_ift=False`` (torchdeq's hook recursed without bound when the module was called twice
-before one backward); a second derivative through IFT raises instead of being silently wrong;
-unknown keywords raise.
+What differs: the hook is guarded, not removed, so calling the module twice before one
+backward no longer recurses without bound, and a second ``backward(retain_graph=True)`` gets
+the same gradient again (torchdeq's gives the one-step gradient); a second derivative through
+IFT raises instead of being silently partial.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 from torch import autograd
 
-__all__ = ["backward_factory", "make_pair"]
+__all__ = ["backward_factory"]
+
+_SECOND_ORDER = ("second derivatives through implicit differentiation (ift=True / hook_ift=True) are not available: "
+                 "the adjoint solve has no derivative of its own, so torchdeq silently returns a partial one. Use "
+                 "phantom gradients (ift=False, grad=k), or deqkit's backward=deqkit.Unrolled() for exact ones.")
 
 
 def make_pair(target, source):
     """``source`` as long as ``target``: itself when equal in length, its one item repeated."""
     if len(target) == len(source):
-        return list(source)
+        return source
     if len(source) == 1:
-        return [source[0]] * len(target)
-    raise ValueError(f"cannot pair {len(source)} gradient settings {list(source)} with {len(target)} solver segments "
-                     f"{list(target)}: give one value, or one per segment")
+        return [source[0] for _ in target]
+    raise ValueError(f"cannot pair the {len(source)} gradient settings grad={list(source)} with {len(target)} solver "
+                     f"segments or states {list(target)}: give one, or one per state (torchdeq fails: 'Unable to "
+                     "align the arg squence!')")
 
 
-class _ImplicitGrad(autograd.Function):
-    """Identity forward; backward solves ``g = J_f(z)^T g + grad`` for the incoming grad."""
+def _adjoint(b_solver, b_solver_kwargs, vjp, grad, writer):
+    """``g`` with ``g = vjp(g) + grad``, from zero: the gradient IFT hands on."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_SECOND_ORDER)
+    grad_star, _, info = b_solver(lambda y: vjp(y) + grad, torch.zeros_like(grad), **b_solver_kwargs)
+    if writer:
+        writer(info)
+    return grad_star
+
+
+class _IFTGrad(autograd.Function):
+    """Identity forward; backward solves the adjoint with ``J`` taken at the (saved) output."""
 
     @staticmethod
-    def forward(ctx, z_pred, func, b_solver, b_solver_kwargs, writer):
-        ctx.func, ctx.b_solver, ctx.b_solver_kwargs, ctx.writer = func, b_solver, b_solver_kwargs, writer
-        ctx.save_for_backward(z_pred.detach())
-        return z_pred.view_as(z_pred)
+    def forward(ctx, new_z, func, solve):
+        ctx.func, ctx.solve = func, solve
+        ctx.save_for_backward(new_z.detach())
+        return new_z.view_as(new_z)
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: a graph of this gradient is wanted
-            raise RuntimeError(
-                "second derivatives through implicit differentiation (ift=True / hook_ift=True) are not "
-                "available: the adjoint solve has no derivative of its own, so the result would be silently "
-                "partial (torchdeq returns it). Use phantom gradients (ift=False, grad=k), or deqkit's "
-                "backward=deqkit.Unrolled() for exact higher derivatives."
-            )
-        return _ImplicitGrad._adjoint(ctx, grad)
-
-    @staticmethod
-    def _adjoint(ctx, grad):
-        (z_pred,) = ctx.saved_tensors
-        h = z_pred.clone().requires_grad_()
+        (point,) = ctx.saved_tensors
+        h = point.clone().requires_grad_()
         with torch.enable_grad():
             fh = ctx.func(h)
-
-        def adjoint(y):
-            return autograd.grad(fh, h, y, retain_graph=True)[0] + grad
-
-        with torch.no_grad():
-            grad_star, _, info = ctx.b_solver(adjoint, torch.zeros_like(grad), **ctx.b_solver_kwargs)
-        if ctx.writer is not None:
-            ctx.writer(info)
-        return grad_star, None, None, None, None
+        return ctx.solve(lambda y: autograd.grad(fh, h, y, retain_graph=True)[0], grad), None, None
 
 
-def backward_factory(grad_type="ift", hook_ift: bool = False, b_solver: Optional[Callable] = None,
-                     b_solver_kwargs: Optional[dict] = None, sup_gap: int = -1, sup_loc=None, tau: float = 1.0):
+def backward_factory(grad_type="ift", hook_ift=False, b_solver=None, b_solver_kwargs=None, sup_gap=-1, sup_loc=None,
+                     tau=1.0, **grad_factory_kwargs):
     """A gradient functor of torchdeq's kind (see the module docstring)."""
     b_solver_kwargs = dict(b_solver_kwargs or {})
     if grad_type == "ift":
-        if b_solver is None:
-            raise ValueError("grad_type='ift' needs b_solver (a torchdeq-style solver function)")
+        def solve(vjp, grad, writer=None):
+            return _adjoint(b_solver, b_solver_kwargs, vjp, grad, writer)
+
+        def produce_hook_ift(trainer, func, z_pred, writer=None, **kwargs):
+            z_pred = z_pred.requires_grad_()
+            new_z = func(z_pred)
+            busy: list = []  # the adjoint's own vector-Jacobian products pass the hook unchanged
+
+            def hook(grad):
+                if busy:
+                    return None
+                busy.append(True)
+                try:
+                    return solve(lambda y: autograd.grad(new_z, z_pred, y, retain_graph=True)[0], grad, writer)
+                finally:
+                    busy.clear()
+
+            trainer.hook = new_z.register_hook(hook)
+            return [new_z]
 
         def produce_ift(trainer, func, z_pred, writer=None, **kwargs):
-            new_z = func(z_pred)  # one step: the gradient reaching the parameters
-            return [_ImplicitGrad.apply(new_z, func, b_solver, b_solver_kwargs, writer)]
+            return [_IFTGrad.apply(func(z_pred), func, lambda vjp, grad: solve(vjp, grad, writer))]
 
-        return produce_ift
+        return produce_hook_ift if hook_ift else produce_ift
 
-    if isinstance(grad_type, bool) or not isinstance(grad_type, int) or grad_type < 1:
-        raise ValueError(f"grad must be 'ift' or an integer >= 1 (phantom gradient steps), got {grad_type!r}")
-    steps = grad_type
-    locs = list(sup_loc or [])
+    if type(grad_type) is not int or grad_type < 1:
+        raise ValueError(f"grad must be 'ift' or an integer >= 1 (phantom gradient steps), got {grad_type!r} "
+                         "(torchdeq fails with an AssertionError)")
+    locs = [] if sup_gap > 0 else list(sup_loc or [])
 
-    def produce_phantom(trainer, func, z_pred, writer=None, **kwargs):
+    def produce_phantom(trainer, func, z_pred, **kwargs):
         out = []
-        for i in range(steps):
+        for i in range(grad_type):
             z_pred = func(z_pred, tau=tau)
-            if (sup_gap > 0 and (i + 1) % sup_gap == 0) or (sup_gap <= 0 and (i + 1) in locs):
+            if (sup_gap > 0 and (i + 1) % sup_gap == 0) or i + 1 in locs:
                 out.append(z_pred)
-        if sup_gap <= 0:
-            out.append(z_pred)  # the last step always (after any sup_loc states)
-        return out
+        return out if sup_gap > 0 else out + [z_pred]
 
     return produce_phantom
