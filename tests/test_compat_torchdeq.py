@@ -71,6 +71,21 @@ def both(fn):
     return out
 
 
+def both64(program):
+    """``both``, with float64 as the default dtype while each program runs (models built in float64,
+    as a program's would be in float32: no ``.double()`` after ``apply_norm``, whose new tensors
+    take the default dtype)."""
+    def run(lib):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(F64)
+        try:
+            return program(lib)
+        finally:
+            torch.set_default_dtype(before)
+
+    return both(run)
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

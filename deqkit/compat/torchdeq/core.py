@@ -10,7 +10,7 @@ it passed at the sampled steps (``n_states`` uniform ones, or ``indexing``, and 
 
 Every solve runs through ``deqkit.solvers._torchdeq.run_torchdeq_style``, deqkit's one
 translation of a torchdeq-style run into its record, as ``deqkit.TorchDEQSolver`` does. Within
-a call, normalised weights are computed once (as torchdeq's ``reset_norm`` did).
+a training step, normalised weights are computed once, as in torchdeq (see ``norm``).
 
 What differs from torchdeq: a keyword the call does not read gets one warning (it is still
 ignored); ``indexing`` steps that torchdeq would silently mishandle (past ``f_max_iter``, or
@@ -26,7 +26,6 @@ import functools
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ...solvers._torchdeq import run_torchdeq_style
 from .dropout import reset_dropout
@@ -153,14 +152,13 @@ class DEQSliced(DEQBase):
 
     def forward(self, func, z_star, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         deq_func, z_star, solver_kwargs = self._begin(func, z_star, solver_kwargs, kwargs)
-        with parametrize.cached():
-            if not self.training:
-                return self._eval(deq_func, z_star, solver_kwargs, sradius_mode)
-            z_out = []
-            for max_iter, produce in zip(self._budget(solver_kwargs), self.produce_grad):
-                z_star, _, info = self._solve(deq_func, z_star, max_iter, solver_kwargs)
-                z_out += produce(self, deq_func, deq_func.detach(z_star), writer=backward_writer)
-                z_star = z_out[-1]  # the next segment resumes from the functor's output
+        if not self.training:
+            return self._eval(deq_func, z_star, solver_kwargs, sradius_mode)
+        z_out = []
+        for max_iter, produce in zip(self._budget(solver_kwargs), self.produce_grad):
+            z_star, _, info = self._solve(deq_func, z_star, max_iter, solver_kwargs)
+            z_out += produce(self, deq_func, deq_func.detach(z_star), writer=backward_writer)
+            z_star = z_out[-1]  # the next segment resumes from the functor's output
         return [deq_func.vec2list(z) for z in z_out], info
 
 
@@ -189,19 +187,18 @@ class DEQIndexing(DEQBase):
 
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         deq_func, z_init, solver_kwargs = self._begin(func, z_init, solver_kwargs, kwargs)
-        with parametrize.cached():
-            if not self.training:
-                return self._eval(deq_func, z_init, solver_kwargs, sradius_mode, z_init.device, indexing=None)
-            max_iter = solver_kwargs.get("f_max_iter", self.f_max_iter)
-            _, states, info = self._solve(deq_func, z_init, max_iter, solver_kwargs, indexing=self._budget(solver_kwargs))
-            if len(states) < len(self.produce_grad):
-                warn_once("core='indexing': the solve stopped before a sampled step (or, with anderson, the step was "
-                          "1 or 2, which it never samples), so fewer states come back than asked for and the "
-                          "gradient functors of the missing ones (the IFT with ift=True) are dropped: torchdeq's "
-                          "behaviour, kept")
-            z_out = []
-            for z_pred, produce in zip(states, self.produce_grad):
-                z_out += produce(self, deq_func, deq_func.detach(z_pred), writer=backward_writer)
+        if not self.training:
+            return self._eval(deq_func, z_init, solver_kwargs, sradius_mode, z_init.device, indexing=None)
+        max_iter = solver_kwargs.get("f_max_iter", self.f_max_iter)
+        _, states, info = self._solve(deq_func, z_init, max_iter, solver_kwargs, indexing=self._budget(solver_kwargs))
+        if len(states) < len(self.produce_grad):
+            warn_once("core='indexing': the solve stopped before a sampled step (or, with anderson, the step was "
+                      "1 or 2, which it never samples), so fewer states come back than asked for and the "
+                      "gradient functors of the missing ones (the IFT with ift=True) are dropped: torchdeq's "
+                      "behaviour, kept")
+        z_out = []
+        for z_pred, produce in zip(states, self.produce_grad):
+            z_out += produce(self, deq_func, deq_func.detach(z_pred), writer=backward_writer)
         return [deq_func.vec2list(z) for z in z_out], info
 
 

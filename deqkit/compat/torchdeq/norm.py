@@ -28,7 +28,6 @@ import contextlib
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from .utils import DEQConfig, warn_once
 
@@ -81,7 +80,7 @@ def _normed_class(base, names):
     key = (base, tuple(names))
     if key not in _classes:
         def reduce(self, protocol):  # pickle and deepcopy rebuild the subclass from its base
-            state = {k: v for k, v in self.__getstate__().items() if not k.startswith("_deq_read_")}
+            state = {k: v for k, v in self.__getstate__().items() if not k.startswith("_deq_w_")}
             return _rebuild, (base, tuple(names), state)
 
         attrs = {name: _accessor(name) for name in names}
@@ -120,31 +119,43 @@ class _Norm:
         return factor
 
     def weight(self, module, name):
-        """The normalised ``name`` of ``module``: computed from its parameters, once per cache scope."""
-        self.flush(module)
-        key = (id(module), "torchdeq." + name)
-        cache = parametrize._cache if parametrize._cache_enabled else None
-        if cache is not None and key in cache:
-            return cache[key]
-        with torch.enable_grad() if cache is not None else contextlib.nullcontext():  # the cached one keeps its graph
+        """The normalised ``name`` of ``module``, as torchdeq's ``reset_norm`` computes it (with its
+        graph), reused until a reset, a change of the parameters, or a backward pass through it."""
+        key = "_deq_w_" + name
+        entry = module.__dict__.get(key)
+        if entry is not None:
+            w, version, _, stamp, used = entry
+            if w._version != version:  # written into (nn.init)
+                self.flush(module, name)
+            elif not used and stamp == self._stamp(module, name):
+                return w
+        inference = torch.is_inference_mode_enabled()
+        with contextlib.nullcontext() if inference else torch.enable_grad():
             w = self.compute(module, name, self.dims[self.names.index(name)])
-        if not w.is_inference():
-            module.__dict__["_deq_read_" + name] = (w.detach(), w._version)  # to see writes into it
-        if cache is not None:
-            cache[key] = w
+        if not inference:
+            used: list = []
+            if w.requires_grad:
+                w.register_hook(lambda grad: used.append(True))  # its graph is gone after this backward
+            module.__dict__[key] = (w, w._version, w.detach().clone(), self._stamp(module, name), used)
         return w
+
+    def _stamp(self, module, name):
+        return [(id(t), t.dtype, t.device, t._version) for t in (module._parameters.get(name + "_g"),
+                module._parameters.get(name + "_v", module._buffers.get(name + "_v")),
+                module._parameters.get(name + "_orig"), module._buffers.get(name + "_u")) if t is not None]
 
     def assigned(self, module, name, value):
         """``module.name = value``: a write of ``value``."""
-        self.flush(module)
+        self.flush(module, name)
         self.written(module, name, value.detach())
 
-    def flush(self, module):
-        """Handle writes into the weights handed out since the last read."""
-        for name in self.names:
-            read = module.__dict__.pop("_deq_read_" + name, None)
-            if read is not None and read[0]._version != read[1]:
-                self.written(module, name, read[0])
+    def flush(self, module, *names):
+        """Forget the weights handed out (all, or ``names``), acting on writes into them since."""
+        for name in names or self.names:
+            entry = module.__dict__.pop("_deq_w_" + name, None)
+            if entry is not None and (entry[0]._version != entry[1] or
+                                      not torch.allclose(entry[0].detach(), entry[2], rtol=0, atol=0, equal_nan=True)):
+                self.written(module, name, entry[0].detach())  # (the second test catches writes through .data)
 
     def written(self, module, name, value):
         warn_once(f"a write into {type(module).__name__}.{name} after apply_norm is dropped, as torchdeq drops it at "
@@ -166,7 +177,6 @@ class _Norm:
             for part in ("_g", "_v", "_orig", "_u"):
                 module._parameters.pop(name + part, None)
                 module._buffers.pop(name + part, None)
-            module.__dict__.pop("_deq_read_" + name, None)
             module.register_parameter(name, nn.Parameter(weight.detach()))
 
 
