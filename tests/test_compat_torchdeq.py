@@ -448,6 +448,38 @@ def test_normed_weight_is_current_deepcopies_and_pickles():
     assert [n for n, _ in loaded.named_parameters()] == ["0.bias", "0.weight", "2.bias", "2.weight", "3.bias", "3.weight"]
 
 
+def test_forgetting_reset_norm_does_not_break_the_second_backward():
+    """torchdeq computes the weight at reset_norm: a second forward and backward without one (with
+    gradient accumulation, say) goes through the freed graph of the first."""
+    torchdeq = pytest.importorskip("torchdeq")
+    for lib in (torchdeq, compat):
+        net = normed(lib, "weight_norm")
+        lib.reset_norm(net)
+        body(net, torch.ones(1, 2, 4, dtype=F64)).sum().backward()
+        if lib is torchdeq:
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                body(net, torch.ones(1, 2, 4, dtype=F64)).sum().backward()
+        else:
+            first = {n: p.grad.clone() for n, p in net.named_parameters()}
+            body(net, torch.ones(1, 2, 4, dtype=F64)).sum().backward()
+            assert all(torch.allclose(p.grad, 2 * first[n]) for n, p in net.named_parameters())
+
+
+def test_a_write_after_to_still_lands_in_weight_orig():
+    """torchdeq's weight is an alias of weight_orig's data until the first reset_norm, but ``.to()``
+    (here ``.double()``) leaves the alias behind: the write is lost there. Here it lands."""
+    torchdeq = pytest.importorskip("torchdeq")
+    for lib in (torchdeq, compat):
+        torch.manual_seed(0)
+        net = nn.Linear(3, 3)
+        lib.apply_norm(net, "spectral_norm")
+        net.double()
+        nn.init.constant_(net.weight, 0.25)
+        lib.reset_norm(net)
+        landed = bool((net.weight_orig == 0.25).all())
+        assert landed == (lib is compat) and net.weight_orig.dtype == F64
+
+
 def test_spectral_norm_is_normalised_before_the_first_reset():
     """torchdeq's weight is the raw weight_orig (without a gradient) until the first reset_norm."""
     torchdeq = pytest.importorskip("torchdeq")
@@ -629,6 +661,20 @@ def test_second_derivative_through_ift_raises(flag):
     z_out, _ = compat.get_deq(f_max_iter=10, **{flag: True})(lambda z: torch.tanh(z @ W.T + 1.0), torch.zeros(2, 3, dtype=F64))
     with pytest.raises(RuntimeError, match="second derivatives.*torchdeq silently returns a partial one"):
         torch.autograd.grad(z_out[-1].sum(), W, create_graph=True)
+
+
+def test_mem_gc_on_a_data_parallel_replica():
+    """A replica holds its parameters as plain tensors: mem_gc finds them there, as torchdeq's does."""
+    lin = nn.Linear(3, 3).double()
+    weight, bias = lin.weight.detach().clone().requires_grad_(), lin.bias.detach().clone().requires_grad_()
+    replica = nn.Linear(3, 3).double()
+    del replica._parameters["weight"], replica._parameters["bias"]
+    replica.weight, replica.bias, replica._is_replica = weight, bias, True
+    x = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    compat.mem_gc(replica, (x,)).pow(2).sum().backward()
+    expected = torch.autograd.grad(lin(x).pow(2).sum(), [lin.weight, lin.bias, x])
+    for got, want in zip((weight.grad, bias.grad, x.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def test_backward_writer_gets_the_adjoint_solves_stats():

@@ -121,14 +121,11 @@ class _Norm:
     def weight(self, module, name):
         """The normalised ``name`` of ``module``, as torchdeq's ``reset_norm`` computes it (with its
         graph), reused until a reset, a change of the parameters, or a backward pass through it."""
-        key = "_deq_w_" + name
-        entry = module.__dict__.get(key)
+        entry = module.__dict__.get("_deq_w_" + name)  # (w, its version, a copy, the parameters' stamp, used)
         if entry is not None:
-            w, version, _, stamp, used = entry
-            if w._version != version:  # written into (nn.init)
-                self.flush(module, name)
-            elif not used and stamp == self._stamp(module, name):
-                return w
+            if not entry[4] and entry[0]._version == entry[1] and entry[3] == self._stamp(module, name):
+                return entry[0]
+            self.flush(module, name)
         inference = torch.is_inference_mode_enabled()
         with contextlib.nullcontext() if inference else torch.enable_grad():
             w = self.compute(module, name, self.dims[self.names.index(name)])
@@ -136,7 +133,7 @@ class _Norm:
             used: list = []
             if w.requires_grad:
                 w.register_hook(lambda grad: used.append(True))  # its graph is gone after this backward
-            module.__dict__[key] = (w, w._version, w.detach().clone(), self._stamp(module, name), used)
+            module.__dict__["_deq_w_" + name] = (w, w._version, w.detach().clone(), self._stamp(module, name), used)
         return w
 
     def _stamp(self, module, name):
