@@ -1,22 +1,14 @@
 """torchdeq's DEQ layers: ``get_deq`` -> ``DEQSliced`` (default) or ``DEQIndexing``.
 
-``deq(func, z_init)`` returns ``(z_out, info)`` as torchdeq does: in training, ``z_out`` is
-the list of supervised states, each the output of a gradient functor (phantom steps or IFT,
-see ``grad``) applied to a solver state; in evaluation, ``[z_star]``, the solver's estimate
-(no graph). ``info`` is the last solve's ``SolverStat``. ``sliced`` cuts the ``f_max_iter``
-budget into segments (``n_states`` equal ones, or cut at ``indexing``), each resuming from the
-previous functor's output; ``indexing`` runs one solve and applies the functors to the states
-it passed at the sampled steps (``n_states`` uniform ones, or ``indexing``, and ``f_max_iter``).
-
-Every solve runs through ``deqkit.solvers._torchdeq.run_torchdeq_style``, deqkit's one
-translation of a torchdeq-style run into its record, as ``deqkit.TorchDEQSolver`` does. Within
-a training step, normalised weights are computed once, as in torchdeq (see ``norm``).
-
-What differs from torchdeq: a keyword the call does not read gets one warning (it is still
-ignored); ``indexing`` steps that torchdeq would silently mishandle (past ``f_max_iter``, or
-decreasing in the sliced core) raise; with ``core='indexing'``, a solve that stops before a
-sampled step returns fewer states, as in torchdeq, with one warning (the gradient functors of
-the missing states, the IFT among them, are dropped); ``hook_ift`` is bounded (see ``grad``).
+``deq(func, z_init)`` returns ``(z_out, info)``: in training, the supervised states, each a
+gradient functor's output (phantom steps or IFT, see ``grad``) on a solver state; in
+evaluation, ``[z_star]`` without a graph. ``sliced`` cuts the ``f_max_iter`` budget into
+segments (``n_states`` equal ones, or cut at ``indexing``), each resuming from the previous
+functor's output; ``indexing`` runs one solve and applies the functors to the states it passed
+at the sampled steps. Every solve goes through ``run_torchdeq_style``, deqkit's one translation
+of a torchdeq-style run into its record (``deqkit.TorchDEQSolver`` uses it too). Departures from
+torchdeq (warnings for ignored keywords, errors for ``indexing`` it would mishandle) are listed
+in docs/migrating.md.
 """
 
 from __future__ import annotations
@@ -55,8 +47,8 @@ def _number(name, value):
 class DEQBase(nn.Module):
     """What both cores share: the configuration (torchdeq's names and defaults: ``f_solver``/
     ``b_solver`` 'fixed_point_iter', ``f_max_iter``/``b_max_iter`` 40, ``f_tol`` 1e-3, ``b_tol``
-    1e-6, ``f_stop_mode``/``b_stop_mode`` 'abs', ``eval_factor`` 1.0, ``eval_f_max_iter`` 0), the
-    gradient functors and the solve at evaluation."""
+    1e-6, ``f_stop_mode``/``b_stop_mode`` 'abs', ``eval_factor`` 1.0, ``eval_f_max_iter`` 0) and
+    the solves."""
 
     def __init__(self, args=None, f_solver="fixed_point_iter", b_solver="fixed_point_iter", no_stat=None,
                  f_max_iter=40, b_max_iter=40, f_tol=1e-3, b_tol=1e-6, f_stop_mode="abs", b_stop_mode="abs",
@@ -76,12 +68,39 @@ class DEQBase(nn.Module):
         self.eval_f_max_iter = eval_f_max_iter if eval_f_max_iter > 0 else int(self.f_max_iter * eval_factor)
         self.hook = None
 
-    def _functors(self, ift, hook_ift, grad, tau, sup_gap, sup_loc, n_states, indexing):
-        """torchdeq's set-up of the supervised states and their gradient functors."""
+    def _solve(self, deq_func, z, max_iter, solver_kwargs, **indexing):
+        options = {k: v for k, v in solver_kwargs.items() if k != "f_max_iter"}
+        return run(self.f_solver, deq_func, z, max_iter=max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode,
+                   **indexing, **options)
+
+    def _begin(self, func, z_init, solver_kwargs, kwargs):
+        ignored("the DEQ call", kwargs, ("func", "z_init", "solver_kwargs", "sradius_mode", "backward_writer"))
+        deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat)
+        return deq_func, z, {} if solver_kwargs is None else solver_kwargs
+
+    def _eval(self, deq_func, z, solver_kwargs, sradius_mode, sradius_device=None, **indexing):
+        max_iter = solver_kwargs.get("f_max_iter", self.eval_f_max_iter)
+        z_star, _, info = self._solve(deq_func, z, max_iter, solver_kwargs, **indexing)
+        if sradius_mode:
+            with torch.enable_grad():
+                new_z_star = deq_func(z_star.requires_grad_())
+            info["sradius"] = power_method(new_z_star, z_star, n_iters=100)[1]
+        else:
+            info["sradius"] = torch.zeros(1, device=sradius_device)
+        return [deq_func.vec2list(z_star)], info
+
+
+class _Graph(DEQBase):
+    """torchdeq's training graphs: the supervised states and their gradient functors. Options:
+    ``ift``/``hook_ift`` (the last functor becomes IFT), ``grad`` (1, an int or one per state),
+    ``tau`` (1.0), ``sup_gap`` (-1), ``sup_loc``, ``n_states`` (1), ``indexing``."""
+
+    def __init__(self, args=None, ift=False, hook_ift=False, grad=1, tau=1.0, sup_gap=-1, sup_loc=None, n_states=1,
+                 indexing=None, **kwargs):
+        super().__init__(args, **kwargs)
         get = self.args.get
         grad = get("grad", grad)
-        if isinstance(grad, int) and not isinstance(grad, bool):
-            grad = [grad]
+        grad = [grad] if isinstance(grad, int) and not isinstance(grad, bool) else grad
         if not isinstance(grad, (list, tuple)) or not all(type(g) is int and g >= 1 for g in grad):
             raise ValueError(f"grad must be an integer >= 1 or a list of them, got {grad!r} "
                              "(torchdeq fails with an AssertionError)")
@@ -106,38 +125,10 @@ class DEQBase(nn.Module):
         budget = solver_kwargs.get("f_max_iter")
         return self._compute_f_iter(budget) if type(budget) in (int, float) else self.indexing
 
-    def _solve(self, deq_func, z, max_iter, solver_kwargs, **indexing):
-        options = {k: v for k, v in solver_kwargs.items() if k != "f_max_iter"}
-        return run(self.f_solver, deq_func, z, max_iter=max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode,
-                   **indexing, **options)
 
-    def _begin(self, func, z_init, solver_kwargs, kwargs):
-        ignored("the DEQ call", kwargs, ("func", "z_init", "solver_kwargs", "sradius_mode", "backward_writer"))
-        deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat)
-        return deq_func, z, {} if solver_kwargs is None else solver_kwargs
-
-    def _eval(self, deq_func, z, solver_kwargs, sradius_mode, sradius_device=None, **indexing):
-        max_iter = solver_kwargs.get("f_max_iter", self.eval_f_max_iter)
-        z_star, _, info = self._solve(deq_func, z, max_iter, solver_kwargs, **indexing)
-        if sradius_mode:
-            with torch.enable_grad():
-                new_z_star = deq_func(z_star.requires_grad_())
-            info["sradius"] = power_method(new_z_star, z_star, n_iters=100)[1]
-        else:
-            info["sradius"] = torch.zeros(1, device=sradius_device)
-        return [deq_func.vec2list(z_star)], info
-
-
-class DEQSliced(DEQBase):
+class DEQSliced(_Graph):
     """``core='sliced'``: solve a segment without a graph, apply a gradient functor, solve the next
-    segment from its output, and so on. Options: ``ift``/``hook_ift`` (the last functor becomes
-    IFT), ``grad`` (1, an int or one per segment), ``tau`` (1.0), ``sup_gap`` (-1), ``sup_loc``,
-    ``n_states`` (1), ``indexing`` (solver steps at which to cut)."""
-
-    def __init__(self, args=None, ift=False, hook_ift=False, grad=1, tau=1.0, sup_gap=-1, sup_loc=None, n_states=1,
-                 indexing=None, **kwargs):
-        super().__init__(args, **kwargs)
-        self._functors(ift, hook_ift, grad, tau, sup_gap, sup_loc, n_states, indexing)
+    segment from its output, and so on (``indexing``: the steps at which to cut)."""
 
     def _compute_f_iter(self, f_max_iter):
         """Solver iterations of each segment."""
@@ -162,14 +153,9 @@ class DEQSliced(DEQBase):
         return [deq_func.vec2list(z) for z in z_out], info
 
 
-class DEQIndexing(DEQBase):
+class DEQIndexing(_Graph):
     """``core='indexing'``: one solve; gradient functors applied to the states it passed at the
-    sampled steps. Same options as ``DEQSliced``."""
-
-    def __init__(self, args=None, ift=False, hook_ift=False, grad=1, tau=1.0, sup_gap=-1, sup_loc=None, n_states=1,
-                 indexing=None, **kwargs):
-        super().__init__(args=args, **kwargs)
-        self._functors(ift, hook_ift, grad, tau, sup_gap, sup_loc, n_states, indexing)
+    sampled steps (``n_states`` uniform ones, or ``indexing``, and always ``f_max_iter``)."""
 
     def _compute_f_iter(self, f_max_iter):
         """The solver steps (1-based) whose states are supervised."""

@@ -2,23 +2,13 @@
 
 ``apply_norm(model, 'weight_norm')`` replaces the weight of every ``nn.Linear``,
 ``nn.Conv1d/2d/3d`` (norm over dim 0) and ``nn.ConvTranspose1d/2d/3d`` (dim 1) by torchdeq's
-parameters ``weight_g`` (a learnable scale, initialised to ``||W||``; none with
-``norm_no_scale``) and ``weight_v``: ``W = v * min(clip_value, g / ||v||)``.
-``'spectral_norm'`` gives ``weight_orig``, ``weight_g`` (initialised to ``norm_target_norm``)
-and the power iteration's buffers ``weight_u``/``weight_v``: ``W = W_orig * g / sigma``. So
-``named_parameters()``, ``state_dict()`` (checkpoints load either way), name-based optimizer
-groups and the order of parameters are torchdeq's.
-
-What differs: ``module.weight`` is computed from those parameters whenever it is read (once
-per DEQ call: the layer caches it while it runs), so it is never stale after an optimizer step
-or ``.to()``, a model deep-copies and pickles, and forgetting ``reset_norm`` cannot raise
-"backward through the graph a second time"; spectral norm's weight is normalised before the
-first ``reset_norm`` too (torchdeq's is the raw one until then). ``reset_norm`` advances spectral
-norm's power iteration in training mode, as in torchdeq. A write into ``module.weight``
-(``nn.init`` after ``apply_norm``) goes where torchdeq's goes: into ``weight_orig`` for spectral
-norm before the first ``reset_norm``; otherwise torchdeq drops it at the next ``reset_norm``,
-and so does this layer, with one warning. The module's class becomes a subclass of the same
-name (``isinstance`` holds; ``type(m) is nn.Linear`` does not).
+``weight_g`` (learnt scale; none with ``norm_no_scale``) and ``weight_v``:
+``W = v * min(clip_value, g / ||v||)``; ``'spectral_norm'`` by ``weight_orig``, ``weight_g`` and
+the power iteration's buffers ``weight_u``/``weight_v``: ``W = W_orig * g / sigma``. So
+``named_parameters()``, ``state_dict()`` and their order are torchdeq's. ``module.weight`` is
+computed when read, as torchdeq's ``reset_norm`` computes it, and reused until the next reset, a
+change of the parameters or a backward through it: never stale, deep-copyable, picklable. A
+write into it lands where torchdeq's lands (docs/migrating.md).
 """
 
 from __future__ import annotations
@@ -89,8 +79,8 @@ def _normed_class(base, names):
 
 
 class _Norm:
-    """What weight and spectral norm share: the options, the weight read from the parameters
-    (cached while a DEQ call runs), writes into it, reset and removal."""
+    """What weight and spectral norm share: options, the weight read from the parameters, writes
+    into it, reset and removal."""
 
     _target_modules: dict = {}
 
@@ -100,14 +90,25 @@ class _Norm:
         self.resets = 0
 
     @classmethod
-    def _setup(cls, module, deq_args, names, dims):
+    def _setup(cls, module, deq_args, names, dims, learn_scale, target_norm, clip, clip_value):
+        """``(names, dims, options)``, the options from ``deq_args`` where it has them, as in torchdeq."""
         if names is None or dims is None:
             names, dims = cls._target_modules[type(module)]
         names = [names] if isinstance(names, str) else list(names)
         dims = [dims] if isinstance(dims, int) or dims is None else list(dims)
         if len(names) != len(dims):
             raise ValueError(f"names {names} and dims {dims} differ in length (torchdeq fails with an AssertionError)")
-        return DEQConfig(deq_args), names, dims
+        args = DEQConfig(deq_args)
+        return names, dims, (not args.get("norm_no_scale", not learn_scale), args.get("norm_target_norm", target_norm),
+                             args.get("norm_clip", clip), args.get("norm_clip_value", clip_value)), args
+
+    def _install(self, module, register):
+        """Replace each weight by ``register(name, dim, weight)``'s parameters; reads go through self."""
+        for name, dim in zip(self.names, self.dims):
+            register(name, dim, module._parameters.pop(name))
+        module._deq_norm = self
+        module.__class__ = _normed_class(type(module), self.names)
+        return self
 
     def compute(self, module, name, dim):
         raise NotImplementedError
@@ -190,16 +191,15 @@ class WeightNorm(_Norm):
     @classmethod
     def apply(cls, module, deq_args=None, names=None, dims=None, learn_scale=True, target_norm=1.0, clip=False,
               clip_value=1.0):
-        args, names, dims = cls._setup(module, deq_args, names, dims)
-        fn = cls(names, dims, not args.get("norm_no_scale", not learn_scale), args.get("norm_target_norm", target_norm),
-                 args.get("norm_clip", clip), args.get("norm_clip_value", clip_value))
-        for name, dim in zip(names, dims):
-            weight = module._parameters.pop(name)
+        names, dims, options, _ = cls._setup(module, deq_args, names, dims, learn_scale, target_norm, clip, clip_value)
+        fn = cls(names, dims, *options)
+
+        def register(name, dim, weight):
             if fn.learn_scale:
                 module.register_parameter(name + "_g", nn.Parameter(_norm(weight, dim).data))
             module.register_parameter(name + "_v", nn.Parameter(weight.data))
-        module.__class__ = _normed_class(type(module), names)
-        return fn
+
+        return fn._install(module, register)
 
 
 class SpectralNorm(_Norm):
@@ -240,23 +240,21 @@ class SpectralNorm(_Norm):
     @classmethod
     def apply(cls, module, deq_args=None, names=None, dims=None, learn_scale=True, target_norm=1.0, clip=False,
               clip_value=1.0, n_power_iterations=1, eps=1e-12):
-        args, names, dims = cls._setup(module, deq_args, names, dims)
-        target_norm = args.get("norm_target_norm", target_norm)
-        fn = cls(names, dims, not args.get("norm_no_scale", not learn_scale), target_norm, args.get("norm_clip", clip),
-                 args.get("norm_clip_value", clip_value), args.get("sn_n_power_iters", n_power_iterations), eps)
-        for name, dim in zip(names, dims):
-            weight = module._parameters.pop(name)
+        names, dims, options, args = cls._setup(module, deq_args, names, dims, learn_scale, target_norm, clip, clip_value)
+        fn = cls(names, dims, *options, args.get("sn_n_power_iters", n_power_iterations), eps)
+
+        def register(name, dim, weight):
             h, w = _matrix(weight.detach(), dim).shape
             u = F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=fn.eps)
             v = F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=fn.eps)
             module.register_parameter(name + "_orig", weight)
             if fn.learn_scale:
                 shape = [s if i == dim else 1 for i, s in enumerate(weight.shape)]
-                module.register_parameter(name + "_g", nn.Parameter((target_norm * torch.ones(h)).reshape(shape)))
+                module.register_parameter(name + "_g", nn.Parameter((fn.target_norm * torch.ones(h)).reshape(shape)))
             module.register_buffer(name + "_u", u)
             module.register_buffer(name + "_v", v)
-        module.__class__ = _normed_class(type(module), names)
-        return fn
+
+        return fn._install(module, register)
 
 
 _norm_class: dict = {"weight_norm": WeightNorm, "spectral_norm": SpectralNorm}
