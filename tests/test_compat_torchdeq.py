@@ -720,6 +720,31 @@ def test_variational_dropout_same_masks_as_torchdeq(name, shape, token_first):
     assert_same(ours, theirs, tol=0)
 
 
+def test_dropout_masks_follow_the_input_device():
+    """torchdeq draws masks on the CPU and multiplies them with the input: a crash off the CPU."""
+    torchdeq = pytest.importorskip("torchdeq")
+    x = torch.ones(2, 3, 4, device="meta")
+    with pytest.raises(RuntimeError):
+        torchdeq.VariationalDropout1d(0.3)(x)
+    assert compat.VariationalDropout1d(0.3)(x).device == x.device
+
+
+def test_list_states_with_simple_fixed_point_iter_run_where_torchdeq_fails():
+    """With no_stat (simple_fixed_point_iter's default) torchdeq keeps a list of states and fails on
+    hook_ift and sradius; the layer always flattens them into one vector (the same numbers)."""
+    torchdeq = pytest.importorskip("torchdeq")
+    lin = nn.Linear(3, 3).double()
+    f = lambda a, b: (0.5 * torch.tanh(lin(b)), 0.5 * torch.cos(a))  # noqa: E731
+    z0 = [torch.zeros(2, 3, dtype=F64), torch.ones(2, 3, dtype=F64)]
+    for flags, train, kwargs in ((dict(hook_ift=True), True, {}), ({}, False, dict(sradius_mode=True))):
+        flags = dict(flags, f_solver="simple_fixed_point_iter", f_max_iter=5)
+        with pytest.raises(AttributeError, match="'(list|tuple)' object has no attribute 'requires_grad_'"):
+            torchdeq.get_deq(**flags).train(train)(f, z0, **kwargs)
+        z_out, _ = compat.get_deq(**flags).train(train)(f, z0, **kwargs)
+        plain, _ = torchdeq.get_deq(f_solver="simple_fixed_point_iter", f_max_iter=5 + train).eval()(f, z0)
+        assert all(torch.equal(a.detach(), b) for a, b in zip(z_out[-1], plain[-1]))
+
+
 def test_list_states_sradius_mem_gc_and_mixed_init_match():
     def run(lib):
         lin = nn.Linear(3, 3).double()
