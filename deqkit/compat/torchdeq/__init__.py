@@ -2,16 +2,10 @@
 
     from deqkit.compat.torchdeq import get_deq, apply_norm, fp_correction   # was: from torchdeq import ...
 
-torchdeq need not be installed. Code that runs on torchdeq runs here with torchdeq's numbers:
-the layer (``get_deq``, both cores, phantom and implicit gradients, ``n_states``/``indexing``/
-``sup_gap``/``sup_loc``, train and eval), its solvers and statistics (ported: their numbers
-are torchdeq's; every solve goes through deqkit's record of a torchdeq-style run),
-``add_deq_args``, weight and spectral norm with torchdeq's parameter names,
-``fp_correction``, ``jac_reg``, ``power_method``, variational dropout, ``mem_gc`` and
-``mixed_init``. What torchdeq ignores silently (a misspelt option, a keyword nobody reads)
-gets one ``TorchDEQCompatWarning`` naming the closest option; what it gets silently wrong or
-crashes on is fixed or refused with an error naming what torchdeq would have done. Every
-difference is listed in docs/migrating.md.
+torchdeq need not be installed. Code that runs on torchdeq runs here with torchdeq's results;
+what torchdeq silently ignores gets one ``TorchDEQCompatWarning`` naming the closest option;
+what it crashes on or silently gets wrong raises or is fixed, the message naming what torchdeq
+would have done. docs/migrating.md lists every difference.
 """
 
 from .core import DEQBase, DEQIndexing, DEQSliced, get_deq, register_deq, reset_deq

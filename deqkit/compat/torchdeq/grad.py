@@ -1,17 +1,12 @@
 """torchdeq's gradient functors: phantom gradient steps and implicit differentiation (IFT).
 
 ``backward_factory(grad_type, ...)`` returns ``produce(trainer, func, z_pred, writer=None)`` ->
-a list of states carrying the gradient. ``grad_type`` is an int ``k`` (``k`` damped steps
-``z <- tau f(z) + (1 - tau) z`` from ``z_pred``, back-propagated through; ``sup_gap`` /
-``sup_loc`` keep some of them) or ``'ift'``: one step ``f(z_pred)`` whose incoming gradient
-``grad`` is replaced by the solution of the adjoint fixed point ``g = J^T g + grad``, solved
-with ``b_solver`` from zero. Like torchdeq, ``hook_ift=False`` takes ``J`` at ``f(z_pred)``
-and ``hook_ift=True`` at ``z_pred`` (through the forward's own graph).
-
-What differs: the hook is guarded, not removed, so calling the module twice before one
-backward no longer recurses without bound, and a second ``backward(retain_graph=True)`` gets
-the same gradient again (torchdeq's gives the one-step gradient); a second derivative through
-IFT raises instead of being silently partial.
+the states carrying the gradient: for an int ``k``, ``k`` damped steps ``tau f(z) + (1 - tau) z``
+from ``z_pred`` (``sup_gap``/``sup_loc`` keep some of them); for ``'ift'``, one step
+``f(z_pred)`` whose incoming gradient ``grad`` is replaced by the solution of ``g = J^T g +
+grad`` (``b_solver``, from zero), ``J`` taken at ``f(z_pred)``, or at ``z_pred`` with
+``hook_ift``, as in torchdeq. The hook is guarded instead of removed (bounded, repeatable), and
+a second derivative through IFT raises (torchdeq's is silently partial).
 """
 
 from __future__ import annotations

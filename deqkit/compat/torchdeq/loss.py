@@ -1,10 +1,6 @@
-"""torchdeq's losses: fixed-point correction, Jacobian regularisation, the power method.
-
-Numbers and random draws are torchdeq's (``jac_reg``'s probes are drawn on the CPU in the
-default dtype, then moved). ``deqkit.fp_correction``, ``deqkit.jacobian_reg`` and
-``deqkit.spectral_radius`` are the native versions (the last one right for complex
-eigenvalues, which ``power_method`` is not).
-"""
+"""torchdeq's losses: fixed-point correction, Jacobian regularisation, the power method, with
+torchdeq's numbers and random draws (the native versions: ``deqkit.fp_correction``,
+``deqkit.jacobian_reg``, ``deqkit.spectral_radius``, right for complex eigenvalues too)."""
 
 from __future__ import annotations
 
@@ -48,13 +44,11 @@ def register_weight_func(name, func):
 def fp_correction(crit, args, weight_func="exp", return_loss_values=False, **kwargs):
     """``sum_k w(n, k) * crit(*args_k)`` over the ``n`` supervised states.
 
-    ``args`` is a tuple of crit's arguments, each a list (one entry per state, e.g. the
-    ``z_out`` of a DEQ call) or a single value shared by every term; lists shorter than the
-    longest are reused cyclically. ``weight_func``: 'exp' (``gamma=0.8``), 'linear'
-    (``gamma=0.9, bias=0``), 'const' (``c=1``) or a registered name; ``kwargs`` go to it (a
-    keyword the built-in weights do not read, such as ``gama``, is ignored as in torchdeq,
-    with one warning naming ``gamma``). With ``return_loss_values`` also returns the list of
-    the terms' values (floats).
+    ``args``: crit's arguments, each a list (one entry per state, e.g. a DEQ call's ``z_out``,
+    reused cyclically) or one value for every term. ``weight_func``: 'exp' (``gamma=0.8``),
+    'linear' (``gamma=0.9, bias=0``), 'const' (``c=1``) or a registered name, with ``kwargs``
+    (one the built-in weights do not read, such as ``gama``, is ignored with a warning).
+    ``return_loss_values`` also returns the terms' values.
 
     Example:
         >>> import torch

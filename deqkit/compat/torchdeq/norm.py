@@ -54,17 +54,6 @@ def _rebuild(base, names, state):
     return module
 
 
-def _accessor(name):
-    """``module.name``, read through (and written into) the module's norm."""
-    def read(module):
-        return module._deq_norm.weight(module, name)
-
-    def write(module, value):
-        module._deq_norm.assigned(module, name, value)
-
-    return property(read, write)
-
-
 def _normed_class(base, names):
     """A subclass of ``base`` (same name) whose ``names`` are read through the module's norm."""
     key = (base, tuple(names))
@@ -73,7 +62,9 @@ def _normed_class(base, names):
             state = {k: v for k, v in self.__getstate__().items() if not k.startswith("_deq_w_")}
             return _rebuild, (base, tuple(names), state)
 
-        attrs = {name: _accessor(name) for name in names}
+        attrs = {name: property(lambda m, n=name: m._deq_norm.weight(m, n),  # type: ignore[misc]
+                                lambda m, w, n=name: m._deq_norm.assigned(m, n, w))  # type: ignore[misc]
+                 for name in names}
         _classes[key] = type(base.__name__, (base,), dict(attrs, _deq_base=base, __reduce_ex__=reduce))
     return _classes[key]
 
@@ -99,8 +90,9 @@ class _Norm:
         if len(names) != len(dims):
             raise ValueError(f"names {names} and dims {dims} differ in length (torchdeq fails with an AssertionError)")
         args = DEQConfig(deq_args)
-        return names, dims, (not args.get("norm_no_scale", not learn_scale), args.get("norm_target_norm", target_norm),
-                             args.get("norm_clip", clip), args.get("norm_clip_value", clip_value)), args
+        return names, dims, dict(learn_scale=not args.get("norm_no_scale", not learn_scale), clip=args.get("norm_clip", clip),
+                                 target_norm=args.get("norm_target_norm", target_norm),
+                                 clip_value=args.get("norm_clip_value", clip_value)), args
 
     def _install(self, module, register):
         """Replace each weight by ``register(name, dim, weight)``'s parameters; reads go through self."""
@@ -137,10 +129,9 @@ class _Norm:
             module.__dict__["_deq_w_" + name] = (w, w._version, w.detach().clone(), self._stamp(module, name), used)
         return w
 
-    def _stamp(self, module, name):
-        return [(id(t), t.dtype, t.device, t._version) for t in (module._parameters.get(name + "_g"),
-                module._parameters.get(name + "_v", module._buffers.get(name + "_v")),
-                module._parameters.get(name + "_orig"), module._buffers.get(name + "_u")) if t is not None]
+    def _stamp(self, module, name):  # the tensors the weight is computed from, as they are now
+        return [(id(t), t.dtype, t.device, t._version) for k, t in [*module._parameters.items(), *module._buffers.items()]
+                if k.startswith(name + "_") and t is not None]
 
     def assigned(self, module, name, value):
         """``module.name = value``: a write of ``value``."""
@@ -192,7 +183,7 @@ class WeightNorm(_Norm):
     def apply(cls, module, deq_args=None, names=None, dims=None, learn_scale=True, target_norm=1.0, clip=False,
               clip_value=1.0):
         names, dims, options, _ = cls._setup(module, deq_args, names, dims, learn_scale, target_norm, clip, clip_value)
-        fn = cls(names, dims, *options)
+        fn = cls(names, dims, **options)
 
         def register(name, dim, weight):
             if fn.learn_scale:
@@ -241,7 +232,7 @@ class SpectralNorm(_Norm):
     def apply(cls, module, deq_args=None, names=None, dims=None, learn_scale=True, target_norm=1.0, clip=False,
               clip_value=1.0, n_power_iterations=1, eps=1e-12):
         names, dims, options, args = cls._setup(module, deq_args, names, dims, learn_scale, target_norm, clip, clip_value)
-        fn = cls(names, dims, *options, args.get("sn_n_power_iters", n_power_iterations), eps)
+        fn = cls(names, dims, **options, n_power_iterations=args.get("sn_n_power_iters", n_power_iterations), eps=eps)
 
         def register(name, dim, weight):
             h, w = _matrix(weight.detach(), dim).shape

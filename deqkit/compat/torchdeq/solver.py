@@ -1,13 +1,10 @@
-"""torchdeq's four solvers, with torchdeq's numbers, and its solver registry.
+"""torchdeq's four solvers, ported with torchdeq's numbers, and its solver registry.
 
-Each solver has torchdeq's call ``solver(func, x0, max_iter=50, tol=1e-3, stop_mode='abs',
-indexing=None, **options) -> (z, states, info)``: ``z`` is each sample's lowest-residual
-estimate, ``states`` the estimates at the steps in ``indexing`` (Broyden's one step early, as
-in torchdeq), ``info`` a ``SolverStat``. Stopping is batch-wide, as in torchdeq: the loop ends
-once the worst sample's residual is below ``tol`` (never with ``tol <= 0``). A sample's best
-estimate is mixed in by multiplication, as torchdeq does, so a NaN in any step's estimate
-reaches the value and ``info``. An option a solver does not read is ignored, as torchdeq
-ignores it, with one warning naming the closest option.
+``solver(func, x0, max_iter=50, tol=1e-3, stop_mode='abs', indexing=None, **options) -> (z,
+states, info)``: each sample's lowest-residual estimate, the estimates at the steps in
+``indexing`` (Broyden's one step early) and a ``SolverStat``. As in torchdeq, stopping is
+batch-wide (never with ``tol <= 0``), estimates are mixed by multiplication (a NaN reaches the
+value and ``info``) and an option a solver does not read is ignored (here with a warning).
 """
 
 from __future__ import annotations
@@ -67,16 +64,17 @@ def _mix(mask, new, old):
 class _Record:
     """Each sample's residual history, lowest residuals and their steps, in torchdeq's layout."""
 
-    def __init__(self, batch, device, stop_mode, return_final):
+    def __init__(self, batch, device, stop_mode, return_final, tol, indexing):
         start = torch.tensor(1e8, device=device).repeat(batch)
         self.trace = {"abs": [start], "rel": [start]}
         self.lowest = {"abs": start, "rel": start}
         self.step = {"abs": torch.zeros(batch, device=device), "rel": torch.zeros(batch, device=device)}
-        self.stop_mode, self.return_final = stop_mode, return_final
+        self.stop_mode, self.return_final, self.tol, self.indexing, self.states = stop_mode, return_final, tol, indexing, []
 
-    def update(self, best, candidate, nstep, abs_diff, rel_diff):
-        """Record one step; return each sample's best estimate (replaced where the residual in
-        the stop mode is a new low, or always with ``return_final``)."""
+    def update(self, best, candidate, nstep, abs_diff, rel_diff, sampled):
+        """Record one step; return each sample's best estimate (replaced where the residual in the
+        stop mode is a new low, or always with ``return_final``), kept as a state at the step
+        ``sampled``, and whether the batch is done: its worst latest residual below ``tol``."""
         diffs = {"abs": abs_diff, "rel": rel_diff}
         for mode in ("abs", "rel"):
             self.trace[mode].append(diffs[mode])
@@ -85,11 +83,9 @@ class _Record:
                 best = _mix(take, candidate, best).clone().detach()
             self.lowest[mode] = _mix(take, diffs[mode], self.lowest[mode])
             self.step[mode] = _mix(take, nstep, self.step[mode])
-        return best
-
-    def done(self, tol):
-        """torchdeq's batch-wide stop: the worst sample's latest residual is below ``tol``."""
-        return not self.return_final and bool(self.trace[self.stop_mode][-1].max() < tol)
+        if self.indexing and sampled in self.indexing:
+            self.states.append(best)
+        return best, not self.return_final and bool(self.trace[self.stop_mode][-1].max() < self.tol)
 
     def pad(self, count):
         """Repeat the lowest residuals ``count`` times (torchdeq's trace after an early stop)."""
@@ -97,10 +93,13 @@ class _Record:
             for mode in ("abs", "rel"):
                 self.trace[mode].append(self.lowest[mode])
 
-    def stat(self):
-        return SolverStat(abs_lowest=self.lowest["abs"], rel_lowest=self.lowest["rel"],
-                          abs_trace=torch.stack(self.trace["abs"], dim=1),
-                          rel_trace=torch.stack(self.trace["rel"], dim=1), nstep=self.step[self.stop_mode])
+    def finish(self, best):
+        """torchdeq's ``(z, states, info)``: the best estimate also as the one state when none was sampled."""
+        if self.indexing and not self.states:
+            self.states.append(best)
+        return best, self.states, SolverStat(
+            abs_lowest=self.lowest["abs"], rel_lowest=self.lowest["rel"], abs_trace=torch.stack(self.trace["abs"], dim=1),
+            rel_trace=torch.stack(self.trace["rel"], dim=1), nstep=self.step[self.stop_mode])
 
 
 def _check(name, max_iter, stop_mode, options, known):
@@ -111,30 +110,22 @@ def _check(name, max_iter, stop_mode, options, known):
     ignored(f"torchdeq's {name}", sorted(set(options) - {"tol", "stop_mode"} if name.startswith("simple") else options), known)
 
 
-def _finish(record, best, states, indexing):
-    if indexing and not states:
-        states.append(best)
-    return best, states, record.stat()
-
-
 def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0, return_final=False,
                      **options):
     """Fixed-point iteration ``x <- tau f(x) + (1 - tau) x``; returns the lowest-residual image
     (the last with ``return_final``, which also runs every step)."""
     _check("fixed_point_iter", max_iter, stop_mode, options, ("tau", "return_final", "indexing"))
-    record = _Record(x0.shape[0] if x0.dim() >= 2 else x0.nelement(), x0.device, stop_mode, return_final)
-    best, states, fx = x0, [], x0
+    record = _Record(x0.shape[0] if x0.dim() >= 2 else x0.nelement(), x0.device, stop_mode, return_final, tol, indexing)
+    best, fx = x0, x0
     for k in range(max_iter):
         x = fx
         fx = tau * func(x) + (1 - tau) * x
         abs_diff = _flat(fx - x).norm(dim=1)
-        best = record.update(best, fx, k + 1, abs_diff, abs_diff / (_flat(fx).norm(dim=1) + 1e-9))
-        if indexing and (k + 1) in indexing:
-            states.append(best)
-        if record.done(tol):
+        best, done = record.update(best, fx, k + 1, abs_diff, abs_diff / (_flat(fx).norm(dim=1) + 1e-9), k + 1)
+        if done:
             record.pad(max_iter - 1 - k)
             break
-    return _finish(record, best, states, indexing)
+    return record.finish(best)
 
 
 def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, **options):
@@ -172,8 +163,8 @@ def anderson_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=N
     H[:, 0, 1:] = H[:, 1:, 0] = 1
     rhs = torch.zeros(batch, m + 1, 1, **kw)
     rhs[:, 0] = 1
-    record = _Record(batch, x0.device, stop_mode, return_final)
-    best, states = x0, []
+    record = _Record(batch, x0.device, stop_mode, return_final, tol, indexing)
+    best = x0
     for k in range(2, max_iter):
         n, i = min(k, m), k % m
         G = F[:, :n] - X[:, :n]
@@ -182,13 +173,11 @@ def anderson_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=N
         X[:, i] = tau * (alpha[:, None] @ F[:, :n])[:, 0] + (1 - tau) * (alpha[:, None] @ X[:, :n])[:, 0]
         F[:, i] = f(X[:, i])
         abs_diff = (F[:, i] - X[:, i]).norm(dim=1)
-        best = record.update(best, F[:, i].view_as(x0), k + 1, abs_diff, abs_diff / (F[:, i].norm(dim=1) + 1e-9))
-        if indexing and (k + 1) in indexing:
-            states.append(best)
-        if record.done(tol):
+        best, done = record.update(best, F[:, i].view_as(x0), k + 1, abs_diff, abs_diff / (F[:, i].norm(dim=1) + 1e-9), k + 1)
+        if done:
             record.pad(max_iter - 1 - k)
             break
-    return _finish(record, best, states, indexing)
+    return record.finish(best)
 
 
 def _inv_jac_vec(us, vts, x):
@@ -268,18 +257,17 @@ def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=No
     us = torch.zeros(batch, dim, rank, dtype=x0.dtype, device=x0.device)
     vts = torch.zeros(batch, rank, dim, dtype=x0.dtype, device=x0.device)
     update = -_inv_jac_vec(us[:, :, :0], vts[:, :0], gx)
-    record = _Record(batch, x0.device, stop_mode, return_final)
-    best, states, nstep = x0, [], 0
+    record = _Record(batch, x0.device, stop_mode, return_final, tol, indexing)
+    best, nstep = x0, 0
     while nstep < max_iter:
         x_new, g_new = _step(g, x_est, gx, update, ls)
         delta_x, delta_g = x_new - x_est, g_new - gx
         x_est, gx = x_new, g_new
         nstep += 1
         abs_diff = gx.norm(dim=1)
-        best = record.update(best, x_est.view_as(x0), nstep, abs_diff, abs_diff / ((gx + x_est).norm(dim=1) + 1e-9))
-        if indexing and (nstep + 1) in indexing:
-            states.append(best)
-        if record.done(tol):
+        best, done = record.update(best, x_est.view_as(x0), nstep, abs_diff, abs_diff / ((gx + x_est).norm(dim=1) + 1e-9),
+                                   nstep + 1)  # (torchdeq samples one step early)
+        if done:
             break
         if nstep > 30:
             window = torch.stack(record.trace[stop_mode][-30:])  # (30, B): the last steps' residuals
@@ -292,7 +280,7 @@ def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=No
         us[:, :, (nstep - 1) % rank] = torch.where(torch.isnan(u), 0, u)
         update = -_inv_jac_vec(us[:, :, :nstep], vts[:, :nstep], gx)
     record.pad(max_iter + 1 - len(record.trace[stop_mode]))
-    return _finish(record, best, states, indexing)
+    return record.finish(best)
 
 
 _solvers = {"anderson": anderson_solver, "broyden": broyden_solver, "fixed_point_iter": fixed_point_iter,

@@ -1,11 +1,9 @@
 """torchdeq's utilities: its configuration, ``add_deq_args``, ``mixed_init``, ``mem_gc``, the state wrappers.
 
-``DEQConfig`` is torchdeq's: a dict, an argparse namespace (its ``vars``, shared, so keyword
-updates land in the namespace as in torchdeq) or any object with attributes. A training
-script's own flags (DEQ-Flow's ``--gma``, GET's ``--mem``) pass silently; what torchdeq would
-ignore although it was probably meant for it (a keyword argument it does not read, a
-namespace key spelt like one of its options, ``f_thres``) gets one warning naming the
-closest option, and is ignored as torchdeq ignores it.
+``DEQConfig`` is torchdeq's: a dict, an argparse namespace (shared: keyword updates land in it)
+or an object. A program's own flags (DEQ-Flow's ``--gma``) pass silently; what torchdeq ignores
+but was probably meant for it (a keyword it does not read, a key spelt like an option, with
+its prefix: ``f_thres``) is ignored with one warning naming the closest option.
 """
 
 from __future__ import annotations
