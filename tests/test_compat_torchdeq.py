@@ -330,6 +330,15 @@ def test_record_status_rules():
     assert grown.status.tolist() == [0, 1, 2]  # DIVERGED: grew past 100 times its first residual
     assert fixed.status.tolist() == [0, 0] and fixed.steps.tolist() == [4, 4] and len(fixed.trajectory) == 2
     assert torch.equal(fixed.trajectory[-1][1], fixed.best_fz)
+    calls = []
+
+    def jump(z):  # the second call throws the iterate far out; then it contracts back below tol
+        calls.append(1)
+        return 1000 * z if len(calls) == 2 else 0.5 * z
+
+    with torch.no_grad():
+        back, _, _ = run_torchdeq_style(fp, jump, z0[:1], max_iter=40, tol=1e-3, stop_mode="abs", divergence=100.0)
+    assert back.status.tolist() == [0]  # below tol again: SUCCESS, not DIVERGED
 
 
 # -- norms: torchdeq's names, numbers and writes ----------------------------------------------
@@ -513,6 +522,9 @@ def test_program_flags_pass_and_misspellings_warn_once():
     with pytest.warns(TorchDEQCompatWarning, match="ignores 'f_max_itr' \\(did you mean 'f_max_iter'\\?\\), as torchdeq"):
         deq = compat.get_deq(args, f_max_itr=3)
     assert deq.f_max_iter == 40 and args.f_max_itr == 3  # like torchdeq, the keyword lands in the namespace
+    with pytest.warns(TorchDEQCompatWarning, match="ignores 'no_stat'"):  # only DEQSliced(no_stat=...) reads it
+        assert compat.get_deq(f_solver="simple_fixed_point_iter", no_stat=False).no_stat
+    assert not compat.DEQSliced(f_solver="simple_fixed_point_iter", no_stat=False).no_stat
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(writer=print), "'writer' \\(did you mean 'backward_writer'\\?\\)"),
