@@ -238,9 +238,9 @@ def round_off_plateau(scale):
     s = torch.tensor(scale, dtype=F64)[:, None]
     calls = []
 
-    def f(z):
+    def f(z):  # (a negative scale flips the map's input: another map, another residual history)
         calls.append(1)
-        return s * torch.tanh(z / s @ A.T + x)
+        return s.abs() * torch.tanh(z / s.abs() @ A.T + torch.sign(s) * x)
 
     return f, calls
 
@@ -248,6 +248,7 @@ def round_off_plateau(scale):
 @pytest.mark.parametrize("scale, stalls", [
     ([1.0, 1.0], True),   # both samples stalled near tol (the same residuals): the stall test ends the run
     ([1.0, 2.0], False),  # stalled at residuals a factor 2 apart: it runs on to max_iter
+    ([1.0, -1.0], None),  # two different maps: their residuals sometimes within 1.3, sometimes not
 ])
 def test_broyden_stall_test_matches(scale, stalls):
     """torchdeq's Broyden also stops after 30 steps when the worst residual is below 3 tol and the
@@ -261,7 +262,8 @@ def test_broyden_stall_test_matches(scale, stalls):
     calls.clear()
     theirs, ours = both(lambda lib: lib.solver.get_solver("broyden")(f, z0, max_iter=80, tol=tol))
     assert_same(ours, theirs, tol=0)
-    assert len(calls) == 2 * (1 + (stall[0] if stalls else 80))  # one call before the first step
+    if stalls is not None:
+        assert len(calls) == 2 * (1 + (stall[0] if stalls else 80))  # one call before the first step
     assert float(ours[2]["abs_lowest"].max()) >= tol  # the batch never met tol
 
 
@@ -278,6 +280,23 @@ def test_nan_reaches_value_and_info_as_in_torchdeq():
         assert bool(ours[0][1].isnan().all()) and bool(ours[2]["abs_lowest"][1].isnan())
     theirs, ours = both(lambda lib: lib.get_deq(f_solver="anderson", f_max_iter=6).eval()(f, z0))
     assert_same(ours, theirs, tol=0)
+
+    def g(z):  # inf at the start, then finite: torchdeq's 1 * f(x) + 0 * x with x = inf is NaN
+        return torch.where(z == 0, float("inf"), torch.tanh(z))
+
+    theirs, ours = both(lambda lib: lib.solver.get_solver("fixed_point_iter")(g, z0, max_iter=3, tol=1e-3))
+    assert_same(ours, theirs, tol=0)
+    assert bool(ours[0].isnan().all())
+
+
+def test_ties_keep_the_first_lowest_residual():
+    """A residual equal to the lowest so far does not replace it (nstep is the first step it was reached)."""
+    zero = lambda z: torch.zeros_like(z)  # noqa: E731  (the fixed point after one step: residual 0, 0, 0, ...)
+    z0 = torch.ones(2, 3, dtype=F64)
+    for name in ("fixed_point_iter", "anderson", "broyden"):
+        theirs, ours = both(lambda lib: lib.solver.get_solver(name)(zero, z0, max_iter=6, tol=0.0))
+        assert_same(ours, theirs, tol=0)
+    assert ours[2]["nstep"].tolist() == [1.0, 1.0]
 
 
 def test_no_torchdeq_needed():
@@ -307,6 +326,22 @@ def test_layer_and_torchdeq_solver_share_the_record():
         assert torch.equal(out.status, sol.stats.status) and torch.equal(out.steps, sol.stats.steps)
         assert torch.equal(out.trace, sol.stats.trace) and out.nfev == sol.stats.nfev
     assert torch.equal(f(port.best_z), port.best_fz)  # the preimage: the z whose image is the value
+
+
+def test_record_preimage_is_the_call_that_gave_the_value():
+    """A growing oscillation (its residual is lowest at the second call) with a constant component:
+    the value is the second image, and only the second call's z maps to all of it."""
+    from deqkit.solvers._torchdeq import run_torchdeq_style
+
+    def f(z):
+        return torch.cat([-1.5 * z[:, :1] + 1, torch.ones_like(z[:, 1:])], dim=1)
+
+    z0 = torch.zeros(2, 3, dtype=F64)
+    with torch.no_grad():
+        out, _, _ = run_torchdeq_style(compat.get_solver("fixed_point_iter"), f, z0, max_iter=5, tol=1e-12,
+                                       stop_mode="abs", preimage=True)
+    z1 = f(z0)
+    assert torch.equal(out.best_fz, f(z1)) and torch.equal(out.best_z, z1)
 
 
 def test_record_status_rules():
@@ -339,6 +374,9 @@ def test_record_status_rules():
     with torch.no_grad():
         back, _, _ = run_torchdeq_style(fp, jump, z0[:1], max_iter=40, tol=1e-3, stop_mode="abs", divergence=100.0)
     assert back.status.tolist() == [0]  # below tol again: SUCCESS, not DIVERGED
+    with torch.no_grad():
+        exact, _, _ = run_torchdeq_style(fp, torch.zeros_like, z0[:1], max_iter=3, tol=0.0, stop_mode="abs")
+    assert exact.status.tolist() == [0] and exact.steps.tolist() == [2]  # a residual of exactly tol meets it
 
 
 # -- norms: torchdeq's names, numbers and writes ----------------------------------------------
