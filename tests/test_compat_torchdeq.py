@@ -378,6 +378,14 @@ def test_record_status_rules():
         exact, _, _ = run_torchdeq_style(fp, torch.zeros_like, z0[:1], max_iter=3, tol=0.0, stop_mode="abs")
     assert exact.status.tolist() == [0] and exact.steps.tolist() == [2]  # a residual of exactly tol meets it
 
+    def forgetful(func, x0, **kwargs):  # a registered solver that reports a finite best after a NaN call
+        func(x0 * float("nan"))
+        return func(x0), [], {"abs_lowest": torch.zeros(x0.shape[0])}
+
+    with torch.no_grad():
+        seen, _, _ = run_torchdeq_style(forgetful, torch.zeros_like, z0[:1], max_iter=3, tol=1e-3, stop_mode="abs")
+    assert seen.status.tolist() == [3] and seen.nfev == 2  # NONFINITE: a call's residual was NaN
+
 
 # -- norms: torchdeq's names, numbers and writes ----------------------------------------------
 def normed(lib, norm_type, seed=0, **kwargs):
