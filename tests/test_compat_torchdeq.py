@@ -170,6 +170,7 @@ MATRIX = [
     pytest.param("conv", dict(f_solver="broyden", f_max_iter=8, grad=1), "spectral_norm", id="conv-broyden-sn"),
     pytest.param("mlp", dict(f_solver="broyden", f_max_iter=12, f_stop_mode="rel", grad=6, tau=0.9), None, id="mlp-broyden-rel"),
     pytest.param("mlp", dict(f_max_iter=12, grad=2, tau=0.6, sup_loc=[1]), None, id="mlp-fp-suploc"),
+    pytest.param("mlp", dict(f_max_iter=5, grad=4, sup_gap=2, sup_loc=[1]), None, id="mlp-fp-supgap-over-suploc"),
     pytest.param("get", dict(f_max_iter=6, ift=True, b_solver="anderson", b_max_iter=12, b_tol=1e-9), None, id="get-fp-ift"),
     pytest.param("mlp", dict(f_solver="anderson", f_max_iter=9, ift=True, b_solver="anderson", b_max_iter=12, n_states=3),
                  None, id="mlp-anderson-ift-nstates3"),
@@ -227,38 +228,42 @@ def test_broyden_line_search_matches(scale):
     assert_same(ours, theirs, tol=0)
 
 
-def round_off_plateau(scale):
+def round_off_plateau(scale, shift=(0.0, 0.0)):
     """A map whose Broyden residual falls to round-off (about 4e-15) within 30 steps and stays
     there, per sample; ``scale`` multiplies a sample's state (exactly: a power of two), and so
-    its residuals."""
+    its residuals; ``shift`` moves a sample's input (the same steps early, other round-off)."""
     g = torch.Generator().manual_seed(0)
     A = torch.randn(40, 40, generator=g, dtype=F64)
     A = 0.97 * A / torch.linalg.matrix_norm(A, 2)
     x = torch.randn(1, 40, generator=g, dtype=F64)
-    s = torch.tensor(scale, dtype=F64)[:, None]
+    s, x = torch.tensor(scale, dtype=F64)[:, None], x + torch.tensor(shift, dtype=F64)[:, None]
     calls = []
 
-    def f(z):  # (a negative scale flips the map's input: another map, another residual history)
+    def f(z):
         calls.append(1)
-        return s.abs() * torch.tanh(z / s.abs() @ A.T + torch.sign(s) * x)
+        return s * torch.tanh(z / s @ A.T + x)
 
     return f, calls
 
 
-@pytest.mark.parametrize("scale, stalls", [
-    ([1.0, 1.0], True),   # both samples stalled near tol (the same residuals): the stall test ends the run
-    ([1.0, 2.0], False),  # stalled at residuals a factor 2 apart: it runs on to max_iter
-    ([1.0, -1.0], None),  # two different maps: their residuals sometimes within 1.3, sometimes not
+@pytest.mark.parametrize("scale, shift, stalls", [
+    ([1.0, 1.0], [0.0, 0.0], True),   # both samples stalled near tol (the same residuals): the stall test ends the run
+    ([1.0, 2.0], [0.0, 0.0], False),  # stalled at residuals a factor 2 apart: it runs on to max_iter
+    ([1.0, 1.0], [0.0, 1e-3], None),  # close early, then apart by more than 1.3 at some steps of round-off
 ])
-def test_broyden_stall_test_matches(scale, stalls):
+def test_broyden_stall_test_matches(scale, shift, stalls):
     """torchdeq's Broyden also stops after 30 steps when the worst residual is below 3 tol and the
     samples' residuals are within a factor 1.3 of one another at each of the last 30 steps."""
-    f, calls = round_off_plateau(scale)
+    f, calls = round_off_plateau(scale, shift)
     z0 = torch.zeros(2, 40, dtype=F64)
     trace = compat.get_solver("broyden")(f, z0, max_iter=80, tol=0.0)[2]["abs_trace"].max(dim=0).values
+    assert float(trace[28:].max()) < 1e-13  # the premise: round-off from step 28 on
     tol = 0.9 * float(trace.min())  # the worst sample never gets below tol
+    if stalls is not False:  # step 31's worst residual is 2.5 tol: between 2 and 3 tol
+        tol = float(trace[31]) / 2.5
+        if tol >= float(trace.min()):
+            pytest.skip("this machine's round-off residual at step 31 is too far above its lowest one")
     stall = [k for k in range(31, 80) if trace[k] < 3 * tol]  # the steps the stall test may stop at
-    assert stall and float(trace[28:].max()) < 1e-13  # the premise: round-off from step 28 on
     calls.clear()
     theirs, ours = both(lambda lib: lib.solver.get_solver("broyden")(f, z0, max_iter=80, tol=tol))
     assert_same(ours, theirs, tol=0)
