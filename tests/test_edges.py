@@ -474,3 +474,71 @@ def test_solver_hooks_have_defaults_on_the_base_class():
     assert deqkit.TorchDEQSolver("anderson").own_loop and not deqkit.NewtonKrylov().differentiable
     sol = deqkit.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(3, 2), solver=plain, active_set=True, tol=1e-6)
     assert sol.success
+
+
+# -- properties no test checked before ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", [deqkit.FixedPoint(), deqkit.Anderson(m=3), deqkit.Broyden(memory=4)], ids=repr)
+@pytest.mark.parametrize("failure", ["nonfinite", "diverged"])
+@pytest.mark.parametrize("active_set", [False, True])
+def test_with_tol_none_a_failing_neighbour_changes_nothing_for_the_others(solver, failure, active_set):
+    w = contraction(rho=0.7)
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(5))
+    bad = torch.tensor([[0.0], [1.0], [0.0]], dtype=F64)  # the middle sample fails at its third call
+
+    def f(z, x, bad, calls=[0]):  # noqa: B006
+        calls[0] += 1
+        out = torch.tanh(z @ w.T + x)
+        if failure == "nonfinite":
+            return torch.where((bad > 0) & (z.abs().sum(dim=1, keepdim=True) > 0.5), torch.nan, out)
+        return out + bad * 1e3 * z.abs().sum(dim=1, keepdim=True) ** 3  # grows without bound
+
+    kw = dict(solver=solver, tol=None, max_steps=8, throw=False, active_set=active_set, trajectory=2)
+    failing = deqkit.fixed_point(f, torch.zeros(3, 4, dtype=F64), inputs=(x, bad), **kw)
+    healthy = deqkit.fixed_point(f, torch.zeros(3, 4, dtype=F64), inputs=(x, 0 * bad), **kw)  # same batch, no failure
+    assert failing.stats.status[1] == (deqkit.Result.NONFINITE if failure == "nonfinite" else deqkit.Result.DIVERGED)
+    assert healthy.success
+    for i in (0, 2):  # the others: the same iterates, bit for bit
+        assert torch.equal(failing.value[i], healthy.value[i]), i
+        assert int(failing.stats.steps[i]) == int(healthy.stats.steps[i]) == 8
+        assert torch.equal(failing.stats.trace[i], healthy.stats.trace[i])
+        assert all(torch.equal(a[i], b[i]) for a, b in zip(failing.trajectory, healthy.trajectory))
+
+
+@pytest.mark.parametrize("backward,calls", [(deqkit.OneStep(), 1), (deqkit.Phantom(steps=3), 3), (deqkit.Implicit(), 1)],
+                         ids=["one_step", "phantom", "implicit"])
+def test_attach_bookkeeping(backward, calls):
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    cell = Cell()
+    sol = deqkit.fixed_point(cell, torch.zeros(3, 4, dtype=F64), inputs=(x,), backward=backward, tol=None,
+                             max_steps=6, trajectory=3)
+    # the value is the last kept iterate: one tensor, one graph
+    assert sol.value is sol.trajectory[-1]
+    # each call of f counted once: 6 forward, then the mode's calls for 3 distinct iterates
+    assert sol.stats.nfev == 6 + 3 * calls and sol.stats.sample_evals == 3 * sol.stats.nfev
+    # one backward record per backward pass through an implicit solve, however many outputs
+    (sol.value.sum() + sol.trajectory[-1].sum()).backward()
+    assert len(sol.stats.backward) == (1 if isinstance(backward, deqkit.Implicit) else 0)
+    sol.trajectory[0].sum().backward()
+    assert len(sol.stats.backward) == (2 if isinstance(backward, deqkit.Implicit) else 0)
+
+
+def test_a_compiled_step_at_the_recompile_limit_falls_back_once_with_a_warning():
+    import warnings
+
+    solver = deqkit.compiled(deqkit.Anderson(m=2), backend="eager", dynamic=False)
+    w = contraction(dim=3)
+    plain = deqkit.Anderson(m=2)
+    with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False):
+        with pytest.warns(RuntimeWarning, match=r"compiled 2 times, torch's limit") as record:
+            for batch in (2, 3, 4, 5, 6):  # a new shape each solve: a new graph each
+                z0 = torch.zeros(batch, 3, dtype=F64)
+                got = deqkit.fixed_point(lambda z: torch.tanh(z @ w.T + 1), z0, solver=solver, tol=None, max_steps=4)
+                want = deqkit.fixed_point(lambda z: torch.tanh(z @ w.T + 1), z0, solver=plain, tol=None, max_steps=4)
+                torch.testing.assert_close(got.value, want.value, rtol=0, atol=1e-12)
+    assert solver.eager and "torch's limit" in solver.why_eager
+    assert sum("runs eagerly" in str(r.message) for r in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning once eager
+        deqkit.fixed_point(lambda z: torch.tanh(z @ w.T + 1), torch.zeros(7, 3, dtype=F64), solver=solver, tol=None, max_steps=4)
