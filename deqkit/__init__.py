@@ -17,7 +17,7 @@ from ._module import DEQ
 from ._regularization import JacobianReg, jacobian_reg, spectral_radius
 from ._solve import fixed_point
 from ._supervision import fp_correction, fp_weights
-from .solvers import AbstractSolver, Anderson, Broyden, FixedPoint, NewtonKrylov, TorchDEQSolver
+from .solvers import AbstractSolver, Anderson, Broyden, Fallback, FixedPoint, NewtonKrylov, TorchDEQSolver
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "DEQ",
     "JacobianReg",
     "Broyden",
+    "Fallback",
     "FixedPoint",
     "Implicit",
     "NewtonKrylov",
