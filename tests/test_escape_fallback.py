@@ -319,3 +319,91 @@ def test_fallback_refusals():
         deqkit.compiled(deqkit.Fallback(deqkit.Anderson(), deqkit.Broyden()))
     with pytest.raises(TypeError, match="fallback needs solvers"):
         deqkit.solvers.get("fallback", solvers="anderson")
+
+
+# -- the chain's bookkeeping (from mutation testing) ---------------------------------------------
+
+
+def test_fallback_counts_each_call_once_and_adds_each_samples_steps():
+    w, a, x = mixed_batch()
+    f = lambda z, a, x: a * (z @ w.T) + x  # noqa: E731
+    with torch.no_grad():
+        first = deqkit.fixed_point(f, torch.zeros(5, 4, dtype=F64), inputs=(a, x), solver=deqkit.FixedPoint(), tol=1e-10,
+                                   max_steps=40, throw=False)
+        chain = deqkit.fixed_point(f, torch.zeros(5, 4, dtype=F64), inputs=(a, x), tol=1e-10, max_steps=40,
+                                   solver=deqkit.Fallback(deqkit.FixedPoint(), deqkit.Anderson(m=4)))
+    failed = first.stats.status != R.SUCCESS
+    extra = chain.stats.steps[failed] - 40  # the second solver's iterations past its (free) restart test
+    assert bool((extra > 0).all())
+    # the restart reuses f(best iterate): the second solver's calls are exactly its iterations
+    assert chain.stats.nfev_by_solver == (first.stats.nfev, int(extra.max()))
+    assert chain.stats.trace.shape[1] == first.stats.trace.shape[1] + int(extra.max()) + 1
+
+
+def test_after_an_escape_the_next_solver_starts_again_from_z0():
+    c = torch.ones(2, 3, dtype=F64)
+    starts = []
+
+    def f(z, c):
+        starts.append(z.detach().clone())
+        return z + c
+
+    with torch.no_grad():
+        sol = deqkit.fixed_point(f, torch.zeros(2, 3, dtype=F64), inputs=(c,), tol=1e-2, max_steps=150, throw=False,
+                                 solver=deqkit.Fallback(deqkit.FixedPoint(), deqkit.FixedPoint()))
+    first_run = 100  # z + c from 0 escapes at its 100th call (the relative residual 1/100)
+    assert sol.stats.status.tolist() == [int(R.ESCAPED)] * 2 and sol.stats.finished_by.tolist() == [1, 1]
+    assert torch.equal(starts[first_run], torch.zeros(2, 3, dtype=F64))  # the restart: z0, evaluated again
+    assert sol.stats.nfev_by_solver == (first_run, first_run)
+    assert sol.stats.steps.tolist() == [2 * first_run] * 2  # no free restart test: every step counted
+
+
+@pytest.mark.parametrize("max_steps,keep,tol", [(40, 3, 1e-10), (3, 6, 0.05)])
+def test_fallback_trajectory_pairs_are_iterates_and_their_images(max_steps, keep, tol):
+    from deqkit._problem import Problem
+
+    w, a, x = mixed_batch()
+    f = lambda z, a, x: a * (z @ w.T) + x  # noqa: E731
+    options = deqkit.SolveOptions(tol=tol, max_steps=max_steps, trajectory=keep, throw=False)
+    chain = deqkit.Fallback(deqkit.FixedPoint(), deqkit.Anderson(m=4))
+    with torch.no_grad():
+        out = chain.run(Problem(f, torch.zeros(5, 4, dtype=F64), (a, x)), torch.zeros(5, 4, dtype=F64), options)
+        plain = deqkit.FixedPoint().run(Problem(f, torch.zeros(5, 4, dtype=F64), (a, x)), torch.zeros(5, 4, dtype=F64), options)
+    assert len(out.trajectory) == keep
+    for z, fz in out.trajectory:  # every kept pair is (z_i, f(z_i)), row by row
+        torch.testing.assert_close(fz, f(z, a, x), rtol=1e-12, atol=1e-12)
+    done = (plain.status == R.SUCCESS).tolist()
+    own = list(plain.trajectory)
+    own = own[:1] * (keep - len(own)) + own  # padded at the front to the chain's length
+    for i, finished in enumerate(done):
+        if finished:  # the first solver's own iterates, bit for bit
+            assert all(torch.equal(t[1][i], o[1][i]) for t, o in zip(out.trajectory, own))
+        elif out.status[i] == R.SUCCESS:  # the chain's last iterates: the last is the value
+            assert torch.equal(out.trajectory[-1][1][i], out.best_fz[i])
+    assert not all(done) and any(done)
+
+
+def test_reprs_name_the_solvers():
+    class Duck:
+        differentiable = False
+
+        def init(self, z, fz, problem):
+            return None
+
+        def step(self, z, fz, state, problem):
+            return fz, state
+
+        def __repr__(self):
+            return "Duck()"
+
+    assert repr(deqkit.Fallback(deqkit.FixedPoint(), deqkit.Anderson(m=2))) == \
+        "Fallback(FixedPoint(damping=1.0), Anderson(m=2, beta=1.0, lam=0.0001, restart=4.0))"
+    with pytest.raises(ValueError, match=r"^backward=Unrolled\(\) cannot differentiate through Duck\(\): its iterations are not "
+                                         r"recorded by autograd\. Use"):
+        deqkit.fixed_point(torch.cos, torch.zeros(1, 1), solver=Duck(), backward=deqkit.Unrolled())
+    with pytest.raises(RuntimeError, match=r"^Fallback runs its solvers' loops; it is driven through run\(\)$"):
+        deqkit.Fallback(deqkit.FixedPoint(), deqkit.Anderson()).step(None, None, None, None)
+    deq = deqkit.DEQ(torch.nn.Linear(2, 2), solver=deqkit.FixedPoint(), max_steps=7)
+    assert repr(deq) == ("DEQ(\n  solver=FixedPoint(damping=1.0), backward=None, init='zeros', tol=0.0001, stop_mode='rel', "
+                         "max_steps=7, active_set=False, divergence=10000.0, escape=10.0, trajectory=0, check_every=1, "
+                         "throw=True, throw_on_max_steps=False\n  (cell): Linear(in_features=2, out_features=2, bias=True)\n)")

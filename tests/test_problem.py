@@ -151,3 +151,15 @@ def test_restart_gives_back_the_whole_batch_and_keeps_the_counts():
     assert problem.work_rows is None and bool(problem.active.all()) and problem.active.shape == (4,)
     torch.testing.assert_close(problem.f(z), x, rtol=0, atol=0)
     assert problem.nfev == 3 and problem.sample_evals == 4 + 2 + 4
+
+
+def test_finite_difference_steps_scale_with_the_iterate():
+    # far from 0 the step must grow with |z| (h ~ sqrt(eps) (1 + |z|) / |v|), or round-off swamps it
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 5, generator=g, dtype=F64) * 0.3
+    f = lambda z: z @ w.T + 0.05 * torch.sin(z)  # noqa: E731
+    z = torch.randn(2, 5, generator=g, dtype=F64) * torch.tensor([[1e3], [1.0]], dtype=F64)
+    v = torch.randn(2, 5, generator=g, dtype=F64)
+    exact = v @ w.T + 0.05 * torch.cos(z) * v
+    got = Problem(f, z).jvp(z, v, fz=f(z), method="finite_difference")
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
