@@ -16,50 +16,50 @@ import argparse
 import dataclasses
 import json
 import time
+import typing
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import cli, common, evaluate, models, pairs, teacher, train
+from . import cli, evaluate, fileio, locks, models, pairs, teacher, train
+from . import config as cfg
+from .config import MAX_BATCH, MAX_SEED, MAX_STEPS, option
 
 
-@dataclasses.dataclass
+HELDOUT_SEED_OFFSET = 10_000_000  # held-out pairs never share a seed with training pairs
+
+
+@cfg.settings
 class DemoConfig:
     """Sizes of every stage; ``quick()`` shrinks them for the tests. Each field is one
     command-line option (``cli.add_config_arguments``); ``--quick`` starts from ``quick()``."""
 
-    out: str = cli.option("runs/demo", help="demo folder (rerun to reuse finished stages)",
-                          default_text="runs/demo, or runs/demo-quick with --quick, so the two never share stages")
-    teacher_preset: str = cli.option("digits", help="teacher backbone size", choices=("tiny", "digits", "cifar-small"))
-    teacher_steps: int = cli.option(2000, help="teacher training steps")
-    teacher_batch: int = cli.option(128, help="teacher batch size")
-    num_pairs: int = cli.option(20000, help="training pairs")
-    num_heldout: int = cli.option(500, help="held-out pairs (seeds from 10,000,000)")
-    heun_steps: int = cli.option(18, help="the teacher's Heun steps (NFE = 2 steps - 1)")
-    student: str = cli.option("GET-Tiny/4", help="the student preset", choices=lambda: list(models.PRESETS))
-    baseline: str = cli.option("ViT-Tiny/4", help="the baseline preset", choices=lambda: list(models.PRESETS))
-    output_norm: bool = cli.option(True, help="end the GET student's map with a LayerNorm (train's --output-norm: a map "
-                                   "with a fixed point that the solvers reach, quality level with GET's own recipe over "
-                                   "3 seeds); --no-output-norm: GET's own recipe")
-    student_steps: int = cli.option(7500, help="student training steps")
-    student_batch: int = cli.option(64, help="student batch size")
-    student_lr: float = cli.option(2e-3, help="students' peak lr: linear warm-up, then cosine decay to 0")
-    student_warmup: int = cli.option(200, help="students' warm-up steps")
-    student_grad_clip: float = cli.option(1.0, help="students' gradient-norm clip")
-    parallel_students: bool = cli.option(True, help="train the GET and the ViT at the same time, in two processes "
-                                         "(--sequential: one after the other)")
-    ema_decay: float = cli.option(0.999, help="students' EMA decay")
-    eval_samples: int = cli.option(1000, help="samples per model for the quality metrics")
-    sweep_samples: int = cli.option(500, help="samples per point of the NFE sweep's FD")
-    nfe_max: int = cli.option(12, help="largest number of fixed-point iterations in the NFE sweep")
-    seed: int = cli.option(0, help="seed of every stage")
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(value, int) or value < (0 if f.name == "seed" else 1)):
-                raise ValueError(f"{f.name} must be an integer >= {0 if f.name == 'seed' else 1}, got {value!r}")
+    out: str = option("runs/demo", help="demo folder (rerun to reuse finished stages)",
+                      default_text="runs/demo, or runs/demo-quick with --quick, so the two never share stages")
+    teacher_preset: str = option("digits", help="teacher backbone size", choices=("tiny", "digits", "cifar-small"))
+    teacher_steps: int = option(2000, help="teacher training steps", ge=1, le=MAX_STEPS)
+    teacher_batch: int = option(128, help="teacher batch size", ge=1, le=MAX_BATCH)
+    num_pairs: int = option(20000, help="training pairs", ge=1, le=MAX_STEPS)
+    num_heldout: int = option(500, help="held-out pairs (seeds from 10,000,000)", ge=2, le=HELDOUT_SEED_OFFSET)
+    heun_steps: int = option(18, help="the teacher's Heun steps (NFE = 2 steps - 1)", ge=1, le=1000)
+    student: str = option("GET-Tiny/4", help="the student preset", choices=lambda: list(models.PRESETS))
+    baseline: str = option("ViT-Tiny/4", help="the baseline preset", choices=lambda: list(models.PRESETS))
+    output_norm: bool = option(True, help="end the GET student's map with a LayerNorm (train's --output-norm: a map "
+                               "with a fixed point that the solvers reach, quality level with GET's own recipe over "
+                               "3 seeds); --no-output-norm: GET's own recipe")
+    student_steps: int = option(7500, help="student training steps", ge=1, le=MAX_STEPS)
+    student_batch: int = option(64, help="student batch size", ge=1, le=MAX_BATCH)
+    student_lr: float = option(2e-3, help="students' peak lr: linear warm-up, then cosine decay to 0", gt=0, le=10)
+    student_warmup: int = option(200, help="students' warm-up steps", ge=0, le=MAX_STEPS)
+    student_grad_clip: float = option(1.0, help="students' gradient-norm clip", gt=0, le=1e6)
+    parallel_students: bool = option(True, help="train the GET and the ViT at the same time, in two processes "
+                                     "(--sequential: one after the other)")
+    ema_decay: float = option(0.999, help="students' EMA decay", ge=0, lt=1)
+    eval_samples: int = option(1000, help="samples per model for the quality metrics", ge=2, le=MAX_STEPS)
+    sweep_samples: int = option(500, help="samples per point of the NFE sweep's FD", ge=2, le=MAX_STEPS)
+    nfe_max: int = option(12, help="largest number of fixed-point iterations in the NFE sweep", ge=1, le=1000)
+    seed: int = option(0, help="seed of every stage", ge=0, le=MAX_SEED)
 
     @classmethod
     def quick(cls, out: str = "runs/demo-quick") -> "DemoConfig":
@@ -72,8 +72,9 @@ def smoke_test_note(config: DemoConfig) -> str | None:
     """None at the full demo's sizes; else a sentence saying that this run's figures are a smoke
     test of the pipeline, not results, and which sizes are below the full demo's."""
     full = DemoConfig()
+    hints = typing.get_type_hints(DemoConfig)
     smaller = [f"{f.name.replace('_', '-')} {getattr(config, f.name)} (full: {getattr(full, f.name)})"
-               for f in dataclasses.fields(DemoConfig) if f.type in ("int", int) and f.name != "seed"
+               for f in dataclasses.fields(DemoConfig) if hints[f.name] is int and f.name != "seed"
                and getattr(config, f.name) < getattr(full, f.name)]
     if config.teacher_preset == "tiny" and full.teacher_preset != "tiny":
         smaller.insert(0, f"teacher-preset tiny (full: {full.teacher_preset})")
@@ -86,13 +87,15 @@ def smoke_test_note(config: DemoConfig) -> str | None:
             "`python -m examples.get_distillation demo`. Smaller than the full demo: " + ", ".join(smaller) + ".")
 
 
-HELDOUT_SEED_OFFSET = 10_000_000  # held-out pairs never share a seed with training pairs
-
-
 def run(config: DemoConfig, progress: bool = True) -> dict:
+    """Every stage of the demo into ``config.out`` (locked meanwhile); returns the report."""
+    with locks.folder_lock(config.out):
+        return _run_stages(config, progress)
+
+
+def _run_stages(config: DemoConfig, progress: bool) -> dict:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common.save_config(out / "demo_config.json", config)
+    cfg.save(out / "demo_config.json", config)
     timings: dict[str, float] = {}
     cache = str(out / "cache")
 
@@ -112,7 +115,7 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     t = stage("2/5 pairs (seeded, sharded, resumable)")
     denoiser, info = teacher.load_teacher(ckpt)
     shape = (info["in_channels"], info["image_size"], info["image_size"])
-    digest = common.sha256_file(ckpt)
+    digest = fileio.sha256_file(ckpt)
     for folder, num, offset in (("pairs", config.num_pairs, 0), ("pairs-heldout", config.num_heldout, HELDOUT_SEED_OFFSET)):
         pairs.generate_pairs(denoiser, out / folder, num, shard_size=min(1000, num), batch_size=min(250, num),
                              image_shape=shape, seed_offset=offset, num_classes=info["num_classes"],
@@ -150,8 +153,8 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     timings["evaluation"] = time.perf_counter() - t
     report["stage_seconds"] = timings
     report["smoke_test"] = smoke_test_note(config)
-    common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
-    common.atomic_write_bytes(out / "report.md", evaluate.markdown(report).encode())
+    fileio.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
+    fileio.atomic_write_bytes(out / "report.md", evaluate.markdown(report).encode())
     return report
 
 
@@ -161,7 +164,7 @@ def _check_earlier_student(student: train.TrainConfig) -> None:
     path = Path(student.out) / "config.json"
     if not path.exists():
         return
-    earlier = common.read_json(path, "student config")
+    earlier = fileio.read_json(path, "student config")
     if earlier.get("output_norm", False) != student.output_norm:
         flag = "--output-norm" if earlier.get("output_norm", False) else "--no-output-norm"
         raise ValueError(f"{student.out} holds a {student.model} trained with output_norm={earlier.get('output_norm', False)} "
@@ -202,7 +205,7 @@ def _train_worker(config: dict, threads: int, seconds, parent_done=None, all_thr
     torch.set_num_threads(threads)
     on_step = _widen_when(parent_done, all_threads) if parent_done is not None else None
     t = time.perf_counter()
-    train.train(common.config_from_dict(train.TrainConfig, config), progress=False, on_step=on_step)
+    train.train(cfg.from_dict(train.TrainConfig, config), progress=False, on_step=on_step)
     seconds.value = time.perf_counter() - t
 
 
@@ -227,7 +230,7 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     threads = max(previous // 2, 1)
     ctx = multiprocessing.get_context("spawn")
     seconds, parent_done = ctx.Value("d", float("nan")), ctx.Event()
-    child = ctx.Process(target=_train_worker, args=(common.config_to_dict(second), threads, seconds, parent_done,
+    child = ctx.Process(target=_train_worker, args=(cfg.to_dict(second), threads, seconds, parent_done,
                                                     previous),
                         name=f"train {second.model}", daemon=True)
     child_failed, child_done, finished, lock = threading.Event(), threading.Event(), threading.Event(), threading.Lock()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, data
+from . import checkpoints, data
 
 FEATURE_DIM = 64
 
@@ -70,10 +70,10 @@ def load_digits_classifier(cache_dir: str | os.PathLike = "runs/cache", steps: i
     path = Path(cache_dir) / f"digits-classifier-split{data.DIGITS_SPLIT_SEED}-steps{steps}-seed{seed}.pt"
     model = DigitsClassifier()
     if path.is_file():
-        model.load_state_dict(common.load_checkpoint(path)["model"])
+        model.load_state_dict(checkpoints.load_checkpoint(path)["model"])
         return model.eval()
     model = train_digits_classifier(steps=steps, seed=seed)
-    common.save_checkpoint(path, {"model": model.state_dict(), "steps": steps, "seed": seed})
+    checkpoints.save_checkpoint(path, {"model": model.state_dict(), "steps": steps, "seed": seed})
     return model
 
 

@@ -221,21 +221,13 @@ def test_quick_and_full_demos_default_to_separate_folders(capsys):
 
 
 def test_run_labels_are_unique_even_when_folder_names_repeat(tmp_path):
-    from examples.get_distillation import common, report, train
+    from examples.get_distillation import report
 
-    runs = []
-    for parent, name, model in (("a", "GET-Tiny_4", "GET-Tiny/4"), ("b", "GET-Tiny_4", "GET-Tiny/4"),
-                                ("b", "vit", "ViT-Tiny/4"), ("c", "other", "GET-Tiny/4")):
-        run = tmp_path / parent / name
-        run.mkdir(parents=True)
-        common.save_config(run / "config.json", train.TrainConfig(pairs="p", out=str(run), model=model))
-        runs.append(str(run))
-    only_checkpoint = tmp_path / "d" / "copied"  # a run folder without its config.json
-    only_checkpoint.mkdir(parents=True)
-    common.save_checkpoint(only_checkpoint / "checkpoint.pt",
-                           {"config": common.config_to_dict(train.TrainConfig(pairs="p", out="x", model="ViT-Tiny/4"))})
-    runs.append(str(only_checkpoint))
-    labels = report.run_labels(runs)
+    runs = [str(tmp_path / p / n) for p, n in (("a", "GET-Tiny_4"), ("b", "GET-Tiny_4"), ("b", "vit"), ("c", "other"),
+                                                ("d", "copied"))]
+    presets = ["GET-Tiny/4", "GET-Tiny/4", "ViT-Tiny/4", "GET-Tiny/4", "ViT-Tiny/4"]
+    assert report.run_labels(runs[2:3], presets[2:3]) == [None]  # a unique preset: labelled by the preset
+    labels = report.run_labels(runs, presets)
     assert labels == ["GET-Tiny/4 (GET-Tiny_4) #1", "GET-Tiny/4 (GET-Tiny_4) #2", "ViT-Tiny/4 (vit)",
                       "GET-Tiny/4 (other)", "ViT-Tiny/4 (copied)"]
     slugs = [report.slug({"label": label}) for label in labels]

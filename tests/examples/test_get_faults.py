@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples.get_distillation import common
+from examples.get_distillation import checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (0, 1, 2)
@@ -76,7 +76,7 @@ def test_pairs_killed_at_random_points_resume_to_byte_identical_data(teacher_ckp
 
 
 def _state(run: Path) -> dict:
-    return common.load_checkpoint(run / "checkpoint.pt")
+    return checkpoints.load_checkpoint(run / "checkpoint.pt")
 
 
 def test_train_killed_at_random_points_resumes_bit_exactly(teacher_ckpt, tmp_path):

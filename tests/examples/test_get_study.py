@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from examples.get_distillation import common, pairs, study, teacher, train
+from examples.get_distillation import fileio, pairs, study, teacher, train
+
+from examples.get_distillation import config as cfg
 from examples.get_distillation.__main__ import main as run_cli
 
 
@@ -88,10 +90,10 @@ def test_spread_of_one_value_and_of_a_nan():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(seeds=0), "seeds must be an integer >= 1, got 0"),
-    (dict(first_seed=-1), "first_seed must be an integer >= 0, got -1"),
-    (dict(steps=0), r"steps must be an integer >= 1 \(or None\), got 0"),
-    (dict(nfe_max=0), "nfe_max must be an integer >= 1, got 0"),
+    (dict(seeds=0), r"seeds \(--seeds\): input should be greater than or equal to 1, got 0"),
+    (dict(first_seed=-1), r"first_seed \(--first-seed\): input should be greater than or equal to 0, got -1"),
+    (dict(steps=0), r"steps \(--steps\): input should be greater than or equal to 1, got 0"),
+    (dict(nfe_max=0), r"nfe_max \(--nfe-max\): input should be greater than or equal to 1, got 0"),
     (dict(students=["nowhere/config.json"]), "--student 'nowhere/config.json': no such train config file"),
 ])
 def test_bad_study_settings_are_named(kw, message):
@@ -111,11 +113,11 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     ckpt = tmp_path / "teacher" / "checkpoint.pt"
     denoiser, info = teacher.load_teacher(ckpt)
     pairs.generate_pairs(denoiser, tmp_path / "heldout", 8, 8, 8, image_shape=(1, 8, 8), num_classes=info["num_classes"],
-                         seed_offset=1000, num_steps=4, teacher_hash=common.sha256_file(ckpt), progress=False)
+                         seed_offset=1000, num_steps=4, teacher_hash=fileio.sha256_file(ckpt), progress=False)
     # two students from train config files: GET with the equilibrium options, and a ViT
     for name, kw in (("get-eq", dict(model="GET-Tiny/4", output_norm=True, jac_reg=0.5)), ("vit", dict(model="ViT-Tiny/4"))):
         (tmp_path / name).mkdir()
-        common.save_config(tmp_path / name / "config.json",
+        cfg.save(tmp_path / name / "config.json",
                            train.TrainConfig(pairs="x", out="x", batch=8, lr=1e-3, steps=50, ema_decay=0.5, **kw))
     argv = ["study", "--pairs", str(pair_dir), "--heldout", str(tmp_path / "heldout"), "--teacher", str(ckpt),
             "--out", str(tmp_path / "study"), "--seeds", "2", "--first-seed", "4", "--steps", "2",
