@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import cli, evaluate, fileio, locks, models, pairs, teacher, train
+from . import cli, evaluate, fileio, locks, models, pairs, runtime, teacher, train
 from . import config as cfg
 from .config import MAX_BATCH, MAX_SEED, MAX_STEPS, option
 
@@ -54,7 +54,13 @@ class DemoConfig:
     student_warmup: int = option(200, help="students' warm-up steps", ge=0, le=MAX_STEPS)
     student_grad_clip: float = option(1.0, help="students' gradient-norm clip", gt=0, le=1e6)
     parallel_students: bool = option(True, help="train the GET and the ViT at the same time, in two processes "
-                                     "(--sequential: one after the other)")
+                                     "(--sequential: one after the other; the same figures)")
+    train_threads: int = option(2, help="torch threads of the teacher's training, the pairs and the evaluation; each "
+                                "student trains with one. Fixed, not the machine's core count: training's results "
+                                "depend on the thread count", ge=1, le=64)
+    hand_over: bool = option(False, help="side by side, the student that finishes first leaves its thread to the "
+                             "other (about 25 s sooner on 2 cores; that student's figures then depend on the step at "
+                             "which the other finished)")
     ema_decay: float = option(0.999, help="students' EMA decay", ge=0, lt=1)
     eval_samples: int = option(1000, help="samples per model for the quality metrics", ge=2, le=MAX_STEPS)
     sweep_samples: int = option(500, help="samples per point of the NFE sweep's FD", ge=2, le=MAX_STEPS)
@@ -74,7 +80,8 @@ def smoke_test_note(config: DemoConfig) -> str | None:
     full = DemoConfig()
     hints = typing.get_type_hints(DemoConfig)
     smaller = [f"{f.name.replace('_', '-')} {getattr(config, f.name)} (full: {getattr(full, f.name)})"
-               for f in dataclasses.fields(DemoConfig) if hints[f.name] is int and f.name != "seed"
+               for f in dataclasses.fields(DemoConfig)
+               if hints[f.name] is int and f.name not in ("seed", "train_threads")
                and getattr(config, f.name) < getattr(full, f.name)]
     if config.teacher_preset == "tiny" and full.teacher_preset != "tiny":
         smaller.insert(0, f"teacher-preset tiny (full: {full.teacher_preset})")
@@ -108,7 +115,8 @@ def _run_stages(config: DemoConfig, progress: bool) -> dict:
                                  batch=config.teacher_batch, cond=True, seed=config.seed,
                                  ckpt_every=max(config.teacher_steps // 4, 1), sample_every=config.teacher_steps,
                                  sample_steps=config.heun_steps)
-    teacher.train(tcfg, progress=progress)
+    with runtime.threads(config.train_threads):
+        teacher.train(tcfg, progress=progress)
     ckpt = out / "teacher" / "checkpoint.pt"
     timings["teacher"] = time.perf_counter() - t
 
@@ -117,9 +125,10 @@ def _run_stages(config: DemoConfig, progress: bool) -> dict:
     shape = (info["in_channels"], info["image_size"], info["image_size"])
     digest = fileio.sha256_file(ckpt)
     for folder, num, offset in (("pairs", config.num_pairs, 0), ("pairs-heldout", config.num_heldout, HELDOUT_SEED_OFFSET)):
-        pairs.generate_pairs(denoiser, out / folder, num, shard_size=min(1000, num), batch_size=min(250, num),
-                             image_shape=shape, seed_offset=offset, num_classes=info["num_classes"],
-                             num_steps=config.heun_steps, teacher_hash=digest, progress=progress)
+        with runtime.threads(config.train_threads):
+            pairs.generate_pairs(denoiser, out / folder, num, shard_size=min(1000, num), batch_size=min(250, num),
+                                 image_shape=shape, seed_offset=offset, num_classes=info["num_classes"],
+                                 num_steps=config.heun_steps, teacher_hash=digest, progress=progress)
     timings["pairs"] = time.perf_counter() - t
 
     def student_config(model: str) -> train.TrainConfig:
@@ -136,12 +145,14 @@ def _run_stages(config: DemoConfig, progress: bool) -> dict:
     runs = [student.out, baseline.out]
     if config.parallel_students:
         stage(f"3-4/5 students {config.student} and {config.baseline} (same pairs, same budget), "
-                  "trained at the same time in two processes")
-        timings.update(_train_side_by_side(student, baseline, progress))
+              "trained at the same time in two processes")
+        timings.update(_train_side_by_side(student, baseline, progress, threads=1,
+                                           widen_to=config.train_threads if config.hand_over else None))
     else:
         for i, scfg in enumerate((student, baseline)):
             t = stage(f"{3 + i}/5 student {scfg.model} (same pairs, same budget)")
-            train.train(scfg, progress=progress)
+            with runtime.threads(1):  # as side by side: the same figures either way
+                train.train(scfg, progress=progress)
             timings[scfg.model] = time.perf_counter() - t
 
     t = stage("5/5 evaluation")
@@ -149,7 +160,8 @@ def _run_stages(config: DemoConfig, progress: bool) -> dict:
                                out=str(out), num_samples=config.eval_samples, heun_steps=config.heun_steps,
                                nfe_max=config.nfe_max, sweep_samples=config.sweep_samples, cache=cache,
                                seed=config.seed)
-    report = evaluate.evaluate(ecfg)
+    with runtime.threads(config.train_threads):
+        report = evaluate.evaluate(ecfg)
     timings["evaluation"] = time.perf_counter() - t
     report["stage_seconds"] = timings
     report["smoke_test"] = smoke_test_note(config)
@@ -199,23 +211,25 @@ def _widen_when(done, threads: int) -> Callable[[int], None]:
     return on_step
 
 
-def _train_worker(config: dict, threads: int, seconds, parent_done=None, all_threads: int = 1) -> None:
+def _train_worker(config: dict, threads: int, seconds, parent_done=None, widen_to: int | None = None) -> None:
     import threading
 
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     torch.set_num_threads(threads)
-    on_step = _widen_when(parent_done, all_threads) if parent_done is not None else None
+    on_step = _widen_when(parent_done, widen_to) if widen_to else None
     t = time.perf_counter()
     train.train(cfg.from_dict(train.TrainConfig, config), progress=False, on_step=on_step)
     seconds.value = time.perf_counter() - t
 
 
-def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, progress: bool) -> dict[str, float]:
-    """Train ``second`` in a child process while this one trains ``first``, each with half the
-    threads. The students' steps are many small operations that a second thread speeds up
-    little, so two single-threaded runs on two cores finish much sooner than one after the
-    other; the run that finishes first leaves its threads to the other, which takes all of them
-    from its next step on. Returns each run's seconds.
+def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, progress: bool, threads: int = 1,
+                        widen_to: int | None = None) -> dict[str, float]:
+    """Train ``second`` in a child process while this one trains ``first``, each with
+    ``threads`` threads. The students' steps are many small operations that a second thread
+    speeds up little, so two single-threaded runs on two cores finish much sooner than one
+    after the other. With ``widen_to``, the run that finishes first leaves its threads to the
+    other, which trains with ``widen_to`` threads from its next step on (sooner, but that
+    run's figures then depend on the step at which the switch came). Returns each run's seconds.
 
     If the child fails, this process stops its own run at once and raises an error naming the
     child's model; if this process fails or is interrupted, the child is stopped; if it is
@@ -228,11 +242,9 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     import threading
 
     previous = torch.get_num_threads()
-    threads = max(previous // 2, 1)
     ctx = multiprocessing.get_context("spawn")
     seconds, parent_done = ctx.Value("d", float("nan")), ctx.Event()
-    child = ctx.Process(target=_train_worker, args=(cfg.to_dict(second), threads, seconds, parent_done,
-                                                    previous),
+    child = ctx.Process(target=_train_worker, args=(cfg.to_dict(second), threads, seconds, parent_done, widen_to),
                         name=f"train {second.model}", daemon=True)
     child_failed, child_done, finished, lock = threading.Event(), threading.Event(), threading.Event(), threading.Lock()
 
@@ -260,7 +272,7 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     timings: dict[str, float] = {}
     try:
         torch.set_num_threads(threads)
-        train.train(first, progress=progress, on_step=_widen_when(child_done, previous))
+        train.train(first, progress=progress, on_step=_widen_when(child_done, widen_to) if widen_to else None)
         timings[first.model] = time.perf_counter() - t
         parent_done.set()
         exit_code()

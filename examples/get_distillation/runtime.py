@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,6 +41,21 @@ def set_threads(threads: int | None, option: str = "--threads") -> None:
     """``torch.set_num_threads(threads)`` after :func:`check_threads`; None leaves torch's choice."""
     if threads is not None:
         torch.set_num_threads(check_threads(threads, option))
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads (this thread's), then restore the count.
+
+    Training on the CPU gives results that depend on the number of threads (reductions split
+    differently): a stage whose results must not depend on the machine runs under a fixed count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_device(device: str | None, option: str = "--device") -> None:

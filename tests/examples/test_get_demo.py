@@ -167,7 +167,7 @@ def test_the_child_run_exits_when_the_demo_process_is_killed(tmp_path, tiny_pair
         raise AssertionError("the child kept training after the demo process was killed")
 
 
-def _child_waiting_for_the_parent(config, threads, seconds, parent_done=None, all_threads=1):
+def _child_waiting_for_the_parent(config, threads, seconds, parent_done=None, widen_to=None):
     """The child's run, spawned by the demo (so a module-level function): after its first step
     it waits until this process's run is done, so it widens from its second step on."""
     from examples.get_distillation import demo as demo_module
@@ -183,7 +183,7 @@ def _child_waiting_for_the_parent(config, threads, seconds, parent_done=None, al
         return real_train(config, progress, stop_after, hook)
 
     train.train = waiting
-    demo_module._train_worker(config, threads, seconds, parent_done, all_threads)
+    demo_module._train_worker(config, threads, seconds, parent_done, widen_to)
 
 
 def test_the_run_that_finishes_first_leaves_its_threads_to_the_other(tmp_path, tiny_pairs, monkeypatch):
@@ -217,7 +217,7 @@ def test_the_run_that_finishes_first_leaves_its_threads_to_the_other(tmp_path, t
         long_run = dataclasses.replace(base, out=str(tmp_path / "long"), steps=4)
         short_run = dataclasses.replace(base, out=str(tmp_path / "short"), steps=3)
         monkeypatch.setattr(train, "train", wait_for_the_child)
-        timings = demo._train_side_by_side(long_run, short_run, progress=False)
+        timings = demo._train_side_by_side(long_run, short_run, progress=False, widen_to=2)
         monkeypatch.setattr(train, "train", real_train)
         assert list(timings) == ["ViT-Tiny/4"]  # both runs are of one preset: one key
         assert threads_logged(tmp_path / "short") == [1, 1, 1]
@@ -227,7 +227,7 @@ def test_the_run_that_finishes_first_leaves_its_threads_to_the_other(tmp_path, t
         monkeypatch.setattr(demo, "_train_worker", _child_waiting_for_the_parent)
         quick = dataclasses.replace(base, out=str(tmp_path / "quick"), steps=2)
         slow = dataclasses.replace(base, out=str(tmp_path / "slow"), steps=4)
-        demo._train_side_by_side(quick, slow, progress=False)
+        demo._train_side_by_side(quick, slow, progress=False, widen_to=2)
         assert threads_logged(tmp_path / "quick") == [1, 1]
         assert threads_logged(tmp_path / "slow") == [1, 2, 2, 2]
         assert torch.get_num_threads() == 2
