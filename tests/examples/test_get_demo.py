@@ -42,9 +42,11 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     # at the quick sizes the report says, before anything else, that it is a smoke test
     assert text.splitlines()[2].startswith("> **A smoke test, not results.**")
     assert data["smoke_test"] == demo.smoke_test_note(demo.DemoConfig.quick(str(out)))
-    # both students log the loss of their output image, the quantity the loss plot compares
+    # both students log the loss of their output image, the quantity the loss plot compares; each
+    # trained with one thread throughout (no hand-over by default: figures independent of timing)
     for run in ("GET-Tiny_4", "ViT-Tiny_4"):
         records = [json.loads(line) for line in (out / run / "log.jsonl").read_text().splitlines()]
+        assert {r["threads"] for r in records} == {1}
         assert all(math.isfinite(r["output_loss"]) for r in records)
         if run.startswith("ViT"):  # one iterate: the objective is the output's loss
             assert all(math.isclose(r["output_loss"], r["loss"], rel_tol=1e-6) for r in records)

@@ -31,9 +31,9 @@ def _heldout(root: Path, name: str, ckpt: Path, offset: int, heun_steps: int = 4
 
 
 def _config(root, run, heldout, **kw):
+    kw = {"out": str(root / "eval"), **kw}
     return evaluate.EvalConfig(run=str(run), teacher=str(root / "teacher" / "checkpoint.pt"), heldout=str(heldout),
-                               out=str(root / "eval"), num_samples=8, batch=8, heun_steps=4, nfe_max=1, sweep_samples=8,
-                               **kw)
+                               num_samples=8, batch=8, heun_steps=4, nfe_max=1, sweep_samples=8, **kw)
 
 
 def test_the_training_pairs_are_refused_as_held_out(setup):
@@ -76,6 +76,19 @@ def test_the_classifier_cache_defaults_inside_out_and_dry_run_validates(setup, c
     assert cli([*argv[:-4], "--heldout", str(pair_dir), "--out", str(root / "e"), "--dry-run"]) == 1  # not held out
     assert "not held out" in capsys.readouterr().err
     assert not (root / "e").exists()
+
+
+def test_rows_are_labelled_by_the_checkpoint_the_model_is_loaded_from(setup):
+    import shutil
+
+    root, pair_dir, run = setup
+    copy = root / "lying-config"
+    shutil.copytree(run, copy, dirs_exist_ok=True)
+    (copy / "config.json").write_text(json.dumps({**json.loads((copy / "config.json").read_text()),
+                                                   "model": "GET-Tiny/4"}))  # config.json says another model
+    heldout = _heldout(root, "held-labels", root / "teacher" / "checkpoint.pt", offset=2000)
+    result = evaluate.evaluate(_config(root, copy, heldout, out=str(root / "eval-labels")))
+    assert [(row["model"], row["label"]) for row in result["students"]] == [("ViT-Tiny/2", "ViT-Tiny/2")]
 
 
 def test_the_report_is_written_atomically_and_readable_by_the_group(tmp_path, monkeypatch):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
-from examples.get_distillation import fileio, pairs, study, teacher, train
+from examples.get_distillation import checkpoints, fileio, pairs, study, teacher, train
 
 from examples.get_distillation import config as cfg
 from examples.get_distillation.__main__ import main as run_cli
@@ -142,10 +143,13 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     assert "ViT-Tiny/4" in result["figures"] and "teacher" in result["figures"]
     text = (out / "study.md").read_text()
     assert "## GET-Tiny/4" in text and "| teacher_match/psnr |" in text and (out / "study.png").exists()
-    # a rerun reuses the finished runs and evaluations
-    stamp = (out / "seed-4" / "eval" / "report.json").stat().st_mtime
+    # a rerun reuses the finished runs and evaluations: the report's key is that of the run
+    report = out / "seed-4" / "eval" / "report.json"
+    before = report.read_bytes()
+    ckpt = out / "seed-4" / "get-eq" / "checkpoint.pt"
+    os.utime(ckpt, (ckpt.stat().st_atime + 100, ckpt.stat().st_mtime + 100))  # newer than the report: no matter
     assert run_cli(argv) == 0
-    assert (out / "seed-4" / "eval" / "report.json").stat().st_mtime == stamp
+    assert report.read_bytes() == before
     # the GET's MACs count its trained iterations; the scaling table reads the study as it is
     from examples.get_distillation import models
 
@@ -155,3 +159,17 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     assert [(r["model"], r["family"], len(r["seeds"])) for r in table["rows"]] == [("GET-Tiny/4", "GET", 2),
                                                                                   ("ViT-Tiny/4", "ViT", 2)]
     assert table["rows"][0]["fd"]["values"] == get["quality/fd_digits"]["values"]
+    # a checkpoint whose content changed is evaluated again, whatever the file times
+    state = checkpoints.load_checkpoint(ckpt)
+    next(iter(state["ema"].values())).add_(1e-3)
+    checkpoints.save_checkpoint(ckpt, state)
+    os.utime(ckpt, (0, 0))  # older than the report
+    assert run_cli(argv) == 0
+    assert json.loads(report.read_text())["key"] != json.loads(before)["key"]
+    # other evaluation settings: every seed evaluated again, and the study states what it measured
+    argv[argv.index("--num-samples") + 1] = "10"
+    assert run_cli(argv) == 0
+    result = json.loads((out / "study.json").read_text())
+    assert result["config"]["num_samples"] == 10
+    assert json.loads(report.read_text())["config"]["num_samples"] == 10
+    assert json.loads(report.read_text())["students"][0]["quality"]["n"] == 10
