@@ -280,19 +280,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # -- the run ----------------------------------------------------------------------------------
 def train(config: TrainConfig, progress: bool = True, stop_after: Optional[int] = None,
           on_step: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
