@@ -23,7 +23,7 @@ def _contend(root: str, trials: int, start, between, holders, counts, guard) -> 
     barrier), then lets go."""
     for trial in range(trials):
         folder = Path(root) / f"trial-{trial}"
-        start.wait()
+        start.wait(timeout=300)  # a broken peer fails the test instead of hanging it
         try:
             path = locks.acquire(folder)
         except locks.FolderLocked:
@@ -33,12 +33,12 @@ def _contend(root: str, trials: int, start, between, holders, counts, guard) -> 
                 holders.value += 1
                 counts[trial] += 1
                 counts[trials + trial] = max(counts[trials + trial], holders.value)  # the most at once
-        between.wait()  # every process has tried while the holder holds
+        between.wait(timeout=300)  # every process has tried while the holder holds
         if path is not None:
             with guard:
                 holders.value -= 1
             locks.release(path)
-        between.wait()
+        between.wait(timeout=300)
 
 
 def test_eight_processes_on_fifty_stale_locks_never_have_two_holders(tmp_path):
@@ -53,7 +53,7 @@ def test_eight_processes_on_fifty_stale_locks_never_have_two_holders(tmp_path):
     for proc in procs:
         proc.start()
     for proc in procs:
-        proc.join(timeout=600)
+        proc.join(timeout=900)
         assert proc.exitcode == 0
     assert list(counts[:TRIALS]) == [1] * TRIALS  # every stale lock was taken, by exactly one process
     assert list(counts[TRIALS:]) == [1] * TRIALS  # and never by two at once
