@@ -71,7 +71,7 @@ USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 
 def message(exc: BaseException) -> str:
     """One line for a user error; an OSError names its path."""
-    if isinstance(exc, OSError) and exc.filename is not None and not str(exc).endswith(repr(str(exc.filename))):
+    if isinstance(exc, OSError) and exc.filename is not None:
         text = f"{exc.strerror or exc}: {str(exc.filename)!r}"
     else:
         text = str(exc)

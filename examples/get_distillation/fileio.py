@@ -3,13 +3,12 @@
 Everything that touches disk writes a temporary file in the destination folder, flushes and
 fsyncs it, and renames it into place (``os.replace`` is atomic on POSIX), so a kill never
 leaves a half-written file under the final name. An operating-system error (a read-only
-folder, a full disk, a missing permission) is raised as :class:`PathError`: an ``OSError``
-whose message is one line naming the path, which the command line prints as it is.
+folder, a full disk, a missing permission) is raised naming the path (:func:`path_error`),
+which the command line prints as one line.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -22,20 +21,13 @@ from typing import Any, Iterator
 import numpy as np
 
 
-class PathError(OSError):
-    """An OSError with a one-line message that names the path and what failed."""
-
-    def __str__(self) -> str:
-        reason = self.strerror or (errno.errorcode.get(self.errno, "") if self.errno else "") or "failed"
-        return f"{reason}: {str(self.filename)!r}"
-
-
-def path_error(exc: OSError, path: str | os.PathLike | None = None) -> PathError:
-    """``exc`` as a :class:`PathError` naming ``path`` (or the path the error names)."""
-    if isinstance(exc, PathError):
+def path_error(exc: OSError, path: str | os.PathLike | None = None) -> OSError:
+    """``exc`` naming ``path`` if it names no file itself (a full disk fails a write, not a
+    path), of the same type (PermissionError stays one); the command line prints it as one
+    line, "No space left on device: 'runs/get/checkpoint.pt'"."""
+    if exc.filename is not None or path is None:
         return exc
-    name = exc.filename if exc.filename is not None else path
-    return PathError(exc.errno, exc.strerror or str(exc), None if name is None else str(name))
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _umask() -> int:
@@ -49,7 +41,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
     The file gets the permissions a plain ``open(path, "w")`` would give (0666 less the
     umask), not ``mkstemp``'s 0600, so group members can read runs on shared storage. An
-    OSError is raised as a :class:`PathError` naming ``path``.
+    OSError is raised naming ``path`` (:func:`path_error`).
     """
     path = Path(path)
     tmp = None

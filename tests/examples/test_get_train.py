@@ -371,3 +371,15 @@ def test_a_checkpoint_written_before_provenance_still_resumes_and_loads(pair_dir
     assert model(torch.zeros(1, 1, 8, 8), torch.tensor([3])).images.shape == (1, 1, 8, 8)
     assert train.train(config, progress=False)["step"] == 2
     assert "data" in checkpoints.load_checkpoint(path)  # and now records its data
+
+
+def test_a_resumed_run_cuts_its_log_back_to_its_checkpoint(pair_dir, tmp_path):
+    # a kill after a log line but before the next checkpoint: the resumed run redoes those
+    # steps, and its log holds each step once, as an uninterrupted run's does
+    train.train(_config(pair_dir, tmp_path / "straight", steps=4), progress=False)
+    config = _config(pair_dir, tmp_path / "run", steps=4, ckpt_every=2)
+    train.train(config, progress=False, stop_after=2)
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")  # logged, then killed before step 4's checkpoint
+    train.train(config, progress=False)
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
