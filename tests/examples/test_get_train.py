@@ -383,3 +383,18 @@ def test_a_resumed_run_cuts_its_log_back_to_its_checkpoint(pair_dir, tmp_path):
         f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")  # logged, then killed before step 4's checkpoint
     train.train(config, progress=False)
     assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
+
+
+def test_the_ema_follows_its_decay(pair_dir, tmp_path):
+    config = _config(pair_dir, tmp_path / "run", steps=1, ema_decay=0.9)
+    train.train(config, progress=False)
+    state = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    runtime.seed_everything(config.seed)  # the initial weights, as the trainer builds them
+    initial = train.build_student(config, (1, 8, 8), 10).state_dict()
+    moved = 0
+    for name, ema in state["ema"].items():
+        if ema.is_floating_point() and name in dict(train.build_student(config, (1, 8, 8), 10).named_parameters()):
+            expected = initial[name] + 0.1 * (state["model"][name] - initial[name])  # one step of decay 0.9
+            torch.testing.assert_close(ema, expected, rtol=1e-5, atol=1e-6)
+            moved += not torch.equal(state["model"][name], initial[name])
+    assert moved > 0
