@@ -15,7 +15,8 @@ from examples.get_distillation import data, metrics
 def test_classifier_is_cached_and_loads_with_weights_only(tmp_path):
     a = metrics.load_digits_classifier(tmp_path, steps=20)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and "steps20-seed0.pt" in files[0] and files[1] == files[0] + ".sha256"
+    name = "digits-classifier-split0-steps20-seed0-threads1.pt"  # keyed by what makes its weights
+    assert files == [name, name + ".sha256"]
     b = metrics.load_digits_classifier(tmp_path, steps=20)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
