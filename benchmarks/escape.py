@@ -215,7 +215,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(1e-4, 1e20)
     ax.set_xlabel("fall: ||f(z) - z|| (or eps ||f(z)||) over its largest value so far, where the relative test passes")
     ax.set_ylabel("growth: ||f(z)|| over its first value")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title("Where relative tests pass: maps without a fixed point (drift) and with one")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
