@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -50,6 +50,9 @@ class SolveError(RuntimeError):
     def __init__(self, message: str, solution: "Solution"):
         super().__init__(message)
         self.solution = solution
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickling (process pools, DataLoader workers) keeps both
+        return (type(self), (str(self), self.solution), self.__dict__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._ledger import LoopOutput
+from .._numerics import residual_norms
+from .._result import Result
 from ._base import AbstractSolver
 
 _NAMES = ("anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter")
@@ -80,8 +83,6 @@ class TorchDEQSolver(AbstractSolver):
 
     def run(self, problem: Any, z0: Tensor, options: Any) -> Any:
         """Solve with torchdeq's loop; return the shared loop's record (``LoopOutput``)."""
-        from .._loop import LoopOutput, residual_norms
-        from .._result import Result
 
         if options.active_set:
             raise ValueError(
