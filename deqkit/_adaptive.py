@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Optional
 
+from ._checks import above, integer, unit_interval
 from ._monitor import Trend
 
 _RAISE, _LOWER, _HOLD, _WAIT = "raise", "lower", "hold", "wait"
-
-
-def _number(name: str, value: Any, *, above: float, at_most: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (above < value <= at_most):
-        bound = f"> {above:g}" + (f" and <= {at_most:g}" if at_most < math.inf else "")
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass
@@ -86,17 +79,18 @@ class AdaptiveJacobianWeight:
     _hold: int = dataclasses.field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.start = _number("start", self.start, above=0.0)
-        self.factor = _number("factor", self.factor, above=1.0)
-        self.max_weight = _number("max_weight", self.max_weight, above=0.0)
+        self.start = above("start", self.start, 0.0)
+        self.factor = above("factor", self.factor, 1.0)
+        self.max_weight = above("max_weight", self.max_weight, 0.0)
         if self.max_weight < self.start:
             raise ValueError(f"max_weight must be >= start ({self.start:g}), got {self.max_weight!r}")
-        self.raise_above = _number("raise_above", self.raise_above, above=1.0)
-        self.lower_below = _number("lower_below", self.lower_below, above=0.0, at_most=self.raise_above)
-        self.converged_drop = _number("converged_drop", self.converged_drop, above=0.0, at_most=1.0)
-        if self.cooldown is not None and (isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int)
-                                          or self.cooldown < 0):
-            raise ValueError(f"cooldown must be an integer >= 0 or None, got {self.cooldown!r}")
+        self.raise_above = above("raise_above", self.raise_above, 1.0)
+        self.lower_below = above("lower_below", self.lower_below, 0.0)
+        if self.lower_below > self.raise_above:
+            raise ValueError(f"lower_below must be <= raise_above ({self.raise_above:g}), got {self.lower_below!r}")
+        self.converged_drop = unit_interval("converged_drop", self.converged_drop)
+        if self.cooldown is not None:
+            self.cooldown = integer("cooldown", self.cooldown, minimum=0, hint=" or None")
 
     def decide(self, trend: Optional[Trend]) -> str:
         """What the rule does with ``trend`` now, without doing it: "raise", "lower", "hold"

@@ -21,6 +21,7 @@ from typing import IO, Any, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
+from ._checks import above, boolean, integer, is_number
 from ._result import Result, Solution, Stats
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -134,7 +135,7 @@ def _check_scalars(scalars: Mapping[str, Any]) -> dict[str, float]:
             if value.numel() != 1:
                 raise ValueError(f"scalar {name!r} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise TypeError(f"scalar {name!r} must be a number, got {type(value).__name__}")
         out[name] = float(value)
     return out
@@ -162,8 +163,7 @@ def summarize_solves(*solves: Union[Solution, Stats], step: int = 0, **scalars: 
     """
     if not solves:
         raise ValueError("summarize_solves needs at least one Solution or Stats")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    step = integer("step", step, minimum=0)
     stats = [_stats_of(s, i) for i, s in enumerate(solves)]
     clean = _check_scalars(scalars)
     residual = torch.cat([s.residual.detach().reshape(-1).to("cpu", torch.float64) for s in stats])
@@ -260,20 +260,8 @@ def solve_trend(baseline: Sequence[SolveRecord], recent: Sequence[SolveRecord]) 
     )
 
 
-def _check_positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_threshold(name: str, value: Any, low: float, strict: bool) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            (value <= low if strict else value < low):
-        bound = f"> {low}" if strict else f">= {low}"
-        raise ValueError(f"{name} must be a finite number {bound} or None, got {value!r}")
-    return float(value)
+def _threshold(name: str, value: Any, bound: float, hint: str) -> Optional[float]:
+    return None if value is None else above(name, value, bound, hint)
 
 
 def _cell(value: Any) -> Any:
@@ -344,18 +332,16 @@ class Monitor:
         append: bool = False,
         name: str = "deqkit",
     ):
-        self.window = _check_positive_int("window", window, 1)
-        self.warmup = _check_positive_int("warmup", warmup, 0)
-        self.nfev_factor = _check_threshold("nfev_factor", nfev_factor, 1.0, strict=True)
-        self.converged_drop = _check_threshold("converged_drop", converged_drop, 0.0, strict=True)
+        self.window = integer("window", window, minimum=1)
+        self.warmup = integer("warmup", warmup, minimum=0)
+        self.nfev_factor = _threshold("nfev_factor", nfev_factor, 1.0, " or None")
+        self.converged_drop = _threshold("converged_drop", converged_drop, 0.0, " or None")
         if self.converged_drop is not None and self.converged_drop > 1:
             raise ValueError(f"converged_drop must be at most 1 (a fraction), got {converged_drop!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
-        if not isinstance(append, bool):
-            raise TypeError(f"append must be True or False, got {append!r}")
         self.name = name
-        self._append = append
+        self._append = boolean("append", append)
         self._baseline: list[SolveRecord] = []
         self._recent: collections.deque[SolveRecord] = collections.deque(maxlen=self.window)
         self._next_step = 0
@@ -475,10 +461,7 @@ class Monitor:
         """
         if self._closed:
             raise ValueError("Monitor.step: the monitor is closed")
-        if step is None:
-            step = self._next_step
-        elif isinstance(step, bool) or not isinstance(step, int) or step < self._next_step:
-            raise ValueError(f"step must be an integer >= {self._next_step} (steps increase), got {step!r}")
+        step = self._next_step if step is None else integer("step", step, self._next_step, " (steps increase)")
         record = summarize_solves(*solves, step=step, **scalars)
         self._next_step = step + 1
         self._seen += 1

@@ -302,11 +302,11 @@ def test_thresholds_are_strict_and_none_turns_a_warning_off():
     ({"window": 2.0}, ValueError, "window must be an integer >= 1"),
     ({"window": True}, ValueError, "window must be an integer >= 1"),
     ({"warmup": -1}, ValueError, "warmup must be an integer >= 0, got -1"),
-    ({"nfev_factor": 1.0}, ValueError, "nfev_factor must be a finite number > 1.0 or None, got 1.0"),
-    ({"nfev_factor": math.inf}, ValueError, "nfev_factor must be a finite number"),
-    ({"nfev_factor": "2"}, ValueError, "nfev_factor must be a finite number"),
-    ({"nfev_factor": True}, ValueError, "nfev_factor must be a finite number"),
-    ({"converged_drop": 0.0}, ValueError, "converged_drop must be a finite number > 0.0 or None"),
+    ({"nfev_factor": 1.0}, ValueError, "nfev_factor must be a number > 1 or None, got 1.0"),
+    ({"nfev_factor": math.inf}, ValueError, "nfev_factor must be a number > 1 or None, got inf"),
+    ({"nfev_factor": "2"}, ValueError, "nfev_factor must be a number > 1"),
+    ({"nfev_factor": True}, ValueError, "nfev_factor must be a number > 1"),
+    ({"converged_drop": 0.0}, ValueError, "converged_drop must be a number > 0 or None, got 0.0"),
     ({"converged_drop": 1.5}, ValueError, "converged_drop must be at most 1"),
     ({"name": ""}, ValueError, "name must be a non-empty string"),
     ({"name": 3}, ValueError, "name must be a non-empty string"),
@@ -320,10 +320,13 @@ def test_monitor_refuses_bad_arguments(kwargs, error, match):
         Monitor(**kwargs)
 
 
-def test_monitor_accepts_the_edges_of_its_ranges():
+def test_monitor_accepts_the_edges_of_its_ranges_and_numpy_scalars():
     m = Monitor(window=1, warmup=0, nfev_factor=1.0001, converged_drop=1.0, name="x")
     assert (m.window, m.warmup, m.nfev_factor, m.converged_drop, m.name) == (1, 0, 1.0001, 1.0, "x")
-    assert "window=1" in repr(m) and "records=0" in repr(m)
+    m = Monitor(window=np.int64(2), warmup=np.int32(1), nfev_factor=np.float32(2.0))
+    assert (m.window, m.warmup, m.nfev_factor) == (2, 1, 2.0) and type(m.window) is int
+    assert m.step(TEMPLATE, step=np.int64(3), loss=np.float32(0.5)).step == 3
+    assert repr(m) == "Monitor(window=2, warmup=1, nfev_factor=2.0, converged_drop=0.1, records=1, name='deqkit')"
 
 
 def test_bad_file_paths_are_named(tmp_path):
@@ -553,10 +556,10 @@ def test_the_monitor_drives_the_weight_up_and_back_down():
     ({"max_weight": 0.05}, r"max_weight must be >= start \(0.1\), got 0.05"),
     ({"max_weight": -1.0}, "max_weight must be a number > 0"),
     ({"raise_above": 1.0}, "raise_above must be a number > 1"),
-    ({"lower_below": 1.2}, r"lower_below must be a number > 0 and <= 1.15, got 1.2"),
+    ({"lower_below": 1.2}, r"lower_below must be <= raise_above \(1.15\), got 1.2"),
     ({"lower_below": 0}, "lower_below must be a number > 0"),
-    ({"converged_drop": 0}, "converged_drop must be a number > 0 and <= 1"),
-    ({"converged_drop": 1.5}, "converged_drop must be a number > 0 and <= 1"),
+    ({"converged_drop": 0}, r"converged_drop must be a number in \(0, 1\], got 0"),
+    ({"converged_drop": 1.5}, r"converged_drop must be a number in \(0, 1\], got 1.5"),
     ({"cooldown": -1}, "cooldown must be an integer >= 0 or None, got -1"),
     ({"cooldown": 1.5}, "cooldown must be an integer >= 0 or None"),
     ({"cooldown": False}, "cooldown must be an integer >= 0 or None"),
