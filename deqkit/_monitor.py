@@ -174,7 +174,7 @@ def summarize_solves(*solves: Union[Solution, Stats], step: int = 0, **scalars: 
     escaped = [getattr(s, "escaped", None) for s in stats]
     finished_by = [getattr(s, "finished_by", None) for s in stats]
     chains = [getattr(s, "nfev_by_solver", None) for s in stats]
-    passes = [b for s in stats for b in getattr(s, "backward", ())]
+    passes = [b for s in stats for b in s.backward]
     return SolveRecord(
         step=step,
         solves=len(stats),
