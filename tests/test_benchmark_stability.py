@@ -50,6 +50,12 @@ def test_every_arm_and_seed_is_trained_and_logged(quick_run):
         assert [r.scalars["jacobian_weight"] for r in records] == run["jacobian_weight"]
         assert all(r.backward_passes == 1 for r in records)  # the Implicit backward ran before each record
         assert run["failed_samples"] == sum(r.failed for r in records)
+        escaped = [r.escaped for r in records]
+        assert run["escaped_samples"] == (None if None in escaped else sum(escaped))
+        cosine = [setup.lr * 0.5 * (1 + math.cos(math.pi * k / setup.steps)) for k in range(setup.steps)]
+        assert [r.scalars["lr"] for r in records] == pytest.approx(cosine)
+        for message in run["monitor_warnings"]:  # the monitor's own, nothing else
+            assert message.startswith(("deqkit: NFE per step rose", "deqkit: the converged fraction fell"))
         assert run["penalty_steps"] == sum(w > 0 for w in run["jacobian_weight"])
         w = setup.window
         assert run["nfe_start"] == pytest.approx(sum(run["nfev"][:w]) / w)
@@ -74,8 +80,9 @@ def test_the_arms_use_the_penalty_as_they_say(quick_run):
             allowed = {0.0, rule.max_weight} | {rule.start * rule.factor ** k for k in range(8)}
             assert weights <= allowed
             assert run["jacobian_weight"][: 2 * setup.window] == [0.0] * 2 * setup.window  # no trend yet
-    # the adaptive rule turned the penalty on in some run of the quick setting
+    # the adaptive rule turned the penalty on, and the monitor warned, in some run of the quick setting
     assert any(r["penalty_steps"] > 0 for r in data["runs"] if r["arm"] == "adaptive")
+    assert any(r["monitor_warnings"] for r in data["runs"])
     # each seed starts its arms from the same model and batches: same first solve
     for seed in range(2):
         first = {r["arm"]: r["nfev"][0] for r in data["runs"] if r["seed"] == seed}
@@ -123,6 +130,28 @@ def test_figures_are_pngs(quick_run):
     out, _, data = quick_run
     for name in data["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nfe_figure_reads_at_a_glance(quick_run):
+    import matplotlib.pyplot as plt
+
+    _, _, data = quick_run
+    setup = stability.SETUPS[True]
+    fig = stability.figure_nfe(data["runs"], setup)
+    try:
+        ax, aw = fig.axes
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == [f"{arm} (2 seeds: mean, band min-max)" for arm in stability.ARMS] + ["1.2x adaptive's start"]
+        none = [r for r in data["runs"] if r["arm"] == "none"]
+        mean = [(a + b) / 2 for a, b in zip(*(stability.rolling(r["nfev"], setup.window) for r in none))]
+        assert list(ax.lines[0].get_ydata()) == pytest.approx(mean)
+        start = sum(r["nfe_start"] for r in data["runs"] if r["arm"] == "adaptive") / 2
+        assert ax.lines[-1].get_ydata()[0] == pytest.approx(1.2 * start)
+        assert [t.get_text() for t in aw.get_legend().get_texts()] == ["fixed", "adaptive"]
+        assert list(aw.lines[0].get_ydata()) == [setup.fixed_weight] * setup.steps
+        assert "NFE per step" in ax.get_ylabel() and aw.get_xlabel() == "training step"
+    finally:
+        plt.close(fig)
 
 
 def test_fallback_summary_counts_misses_and_easy_batches():
