@@ -159,14 +159,21 @@ class Classifier(nn.Module):
         return self.head(sol.value), sol.value, x, sol
 
 
-def accuracy(model: Classifier, images: Tensor, labels: Tensor) -> tuple[float, int, Optional[int]]:
-    """Test accuracy, and the test samples whose forward solve did not end SUCCESS / ESCAPED."""
+def evaluate(model: Classifier, images: Tensor, labels: Tensor) -> dict:
+    """On the test set, solved as in training: the accuracy, the samples whose solve did not
+    end SUCCESS (and ESCAPED ones), each sample's iterations (quantiles: the batch's NFE is
+    its slowest sample's) and the spectral radius of the map's Jacobian at its fixed point."""
     model.eval()
     with torch.no_grad():
-        logits, _, _, sol = model(images)
+        logits, z, x, sol = model(images)
+    radius = deqkit.spectral_radius(lambda z: model.cell(z, x), z, n_iters=20, seed=0)
     model.train()
     record = deqkit.summarize_solves(sol)
-    return float((logits.argmax(dim=1) == labels).double().mean()), record.failed, record.escaped
+    steps = sol.stats.steps.double()
+    return {"test_accuracy": float((logits.argmax(dim=1) == labels).double().mean()),
+            "test_failed": record.failed, "test_escaped": record.escaped,
+            "test_steps": {"median": float(steps.median()), "max": float(steps.max())},
+            "spectral_radius": {"median": float(radius.median()), "max": float(radius.max())}}
 
 
 # -- training -------------------------------------------------------------------------------
@@ -213,15 +220,14 @@ def train_run(arm: str, seed: int, setup: Setup, device: torch.device, logs: Pat
             failed += record.failed
             escaped = None if escaped is None or record.escaped is None else escaped + record.escaped
         seconds = now(device) - start
-    acc, test_failed, test_escaped = accuracy(model, test_images, test_labels)
     end = max(1, setup.steps // 10)
     monitor_warnings = [str(w.message) for w in caught if str(w.message).startswith("deqkit: ")]
     return {"arm": arm, "seed": seed, "nfev": nfev, "jacobian_weight": weights,
             "nfe_start": _mean(nfev[: setup.window]), "nfe_end": _mean(nfev[-end:]),
             "nfe_growth": _mean(nfev[-end:]) / _mean(nfev[: setup.window]),
-            "test_accuracy": acc, "train_seconds": seconds, "penalty_steps": penalty_steps,
-            "failed_samples": failed, "escaped_samples": escaped, "test_failed": test_failed,
-            "test_escaped": test_escaped, "monitor_warnings": monitor_warnings, "model": model}
+            "train_seconds": seconds, "penalty_steps": penalty_steps, "failed_samples": failed,
+            "escaped_samples": escaped, **evaluate(model, test_images, test_labels),
+            "monitor_warnings": monitor_warnings, "model": model}
 
 
 # -- Anderson alone against Fallback --------------------------------------------------------
@@ -288,9 +294,19 @@ def spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values)}
 
 
+SUMMARY_KEYS = ("nfe_start", "nfe_end", "nfe_growth", "test_accuracy", "train_seconds", "failed_samples", "penalty_steps",
+                "test_steps.median", "test_steps.max", "spectral_radius.median", "spectral_radius.max")
+
+
+def _value(run: dict, key: str) -> float:
+    """``run[key]``, or ``run[a][b]`` for ``key = "a.b"``."""
+    first, _, second = key.partition(".")
+    return float(run[first][second] if second else run[first])
+
+
 def summarize(runs: list[dict]) -> dict[str, dict]:
-    keys = ("nfe_start", "nfe_end", "nfe_growth", "test_accuracy", "train_seconds", "failed_samples", "penalty_steps")
-    return {arm: {k: spread([float(r[k]) for r in runs if r["arm"] == arm]) for k in keys}
+    """Each arm's spread over its seeds of each of ``SUMMARY_KEYS``."""
+    return {arm: {k: spread([_value(r, k) for r in runs if r["arm"] == arm]) for k in SUMMARY_KEYS}
             for arm in ARMS if any(r["arm"] == arm for r in runs)}
 
 
@@ -400,12 +416,15 @@ def table(summary: dict[str, dict]) -> str:
     def cell(s: dict, fmt: str) -> str:
         return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"
 
-    lines = ["| arm | NFE start | NFE end | end/start | test accuracy | train s | steps with penalty | failed samples |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | NFE start | NFE end | end/start | test accuracy | train s | steps with penalty | failed samples "
+             "| test iterations median / max | spectral radius median / max |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {cell(s['nfe_start'], '.1f')} | {cell(s['nfe_end'], '.1f')} | "
                      f"{cell(s['nfe_growth'], '.2f')} | {cell(s['test_accuracy'], '.3f')} | "
-                     f"{cell(s['train_seconds'], '.1f')} | {s['penalty_steps']['mean']:.0f} | {s['failed_samples']['mean']:.0f} |")
+                     f"{cell(s['train_seconds'], '.1f')} | {s['penalty_steps']['mean']:.0f} | {s['failed_samples']['mean']:.0f} | "
+                     f"{s['test_steps.median']['mean']:.1f} / {s['test_steps.max']['mean']:.1f} | "
+                     f"{s['spectral_radius.median']['mean']:.2f} / {s['spectral_radius.max']['mean']:.2f} |")
     return "\n".join(lines)
 
 

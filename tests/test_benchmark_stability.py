@@ -63,6 +63,8 @@ def test_every_arm_and_seed_is_trained_and_logged(quick_run):
         assert run["nfe_end"] == pytest.approx(sum(run["nfev"][-end:]) / end)
         assert run["nfe_growth"] == pytest.approx(run["nfe_end"] / run["nfe_start"])
         assert 0 <= run["test_accuracy"] <= 1 and run["train_seconds"] > 0 and run["test_failed"] >= 0
+        assert 1 <= run["test_steps"]["median"] <= run["test_steps"]["max"] <= setup.max_steps
+        assert 0 < run["spectral_radius"]["median"] <= run["spectral_radius"]["max"]
         assert "model" not in run
 
 
@@ -97,6 +99,9 @@ def test_summary_targets_and_table(quick_run):
         values = [r["test_accuracy"] for r in runs]
         assert acc["mean"] == pytest.approx(sum(values) / 2) and (acc["min"], acc["max"]) == (min(values), max(values))
         assert acc["std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    assert set(data["summary"]["none"]) == set(stability.SUMMARY_KEYS)
+    radius = [r["spectral_radius"]["max"] for r in data["runs"] if r["arm"] == "fixed"]
+    assert data["summary"]["fixed"]["spectral_radius.max"]["max"] == max(radius)
     names = [t["target"] for t in data["targets"]]
     assert len(names) == (6 if HAS_FALLBACK else 4)
     for t in data["targets"]:
