@@ -261,10 +261,12 @@ def test_a_degrading_run_warns_once_naming_the_trend_and_the_numbers():
     _, caught = quiet(feed, m, [10, 10, 10, 10] + [12, 13, 14, 15])  # recent mean 13.5: 1.35x
     assert not caught
     with pytest.warns(RuntimeWarning) as caught:
-        feed(m, [16, 17])  # recent mean 15.5 then 16.5: 1.55x first
+        m.step(stats(16))  # recent mean 14.5: 1.45x
+        m.step(stats(17))  # recent mean 15.5: 1.55x
     assert len(caught) == 1
     message = str(caught[0].message)
     assert caught[0].filename == __file__  # it points at the caller's monitor.step
+    assert caught[0].lineno == sys._getframe().f_lineno - 4  # the second m.step above
     assert message == ("deqkit: NFE per step rose 1.55x, from 10.0 to 15.5 (mean of steps 0-3 against steps 6-9), "
                        "past nfev_factor=1.5; " + ADVICE)
     _, caught = quiet(feed, m, [40, 50, 60, 70])  # worse still: once is enough
