@@ -19,7 +19,7 @@ from ._adaptive import AdaptiveJacobianWeight
 from ._regularization import JacobianReg, jacobian_reg, spectral_radius
 from ._solve import fixed_point
 from ._supervision import fp_correction, fp_weights
-from .solvers import AbstractSolver, Anderson, Broyden, FixedPoint, NewtonKrylov, TorchDEQSolver
+from .solvers import AbstractSolver, Anderson, Broyden, Fallback, FixedPoint, NewtonKrylov, TorchDEQSolver
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "JacobianReg",
     "Monitor",
     "Broyden",
+    "Fallback",
     "FixedPoint",
     "Implicit",
     "NewtonKrylov",

@@ -212,7 +212,7 @@ class Implicit(AbstractBackward):
     gets the implicit gradient at its own iterate, as torchdeq gives it.
 
     The adjoint solve's residual, steps and Result are appended to ``stats.backward``; a failed
-    adjoint solve raises (NONFINITE, DIVERGED) or warns (MAX_STEPS) rather than being used
+    adjoint solve raises (ESCAPED, DIVERGED, NONFINITE) or warns (MAX_STEPS) rather than being used
     silently. Second derivatives (``create_graph=True`` through the solve) are refused with an
     error: use ``Unrolled`` where they are needed.
 
@@ -258,7 +258,7 @@ class Implicit(AbstractBackward):
             out = solver.run(Problem(vjp_map, grad), grad, self.options())
         result = worst(out.status)
         log.append(BackwardStats(out.nfev, out.steps, out.residual, result))
-        if result in (Result.NONFINITE, Result.DIVERGED):
+        if result >= Result.ESCAPED:
             if throw:
                 raise RuntimeError(
                     f"the implicit backward (adjoint) solve ended with {result.name}: {result.message}; "

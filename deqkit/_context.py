@@ -21,7 +21,7 @@ from torch import Tensor
 T = TypeVar("T")
 
 
-_HOST_SIDE: list[Any] = []  # functions torch.compile should leave to Python, marked once it is loaded
+HOST_SIDE: list[Any] = []  # functions torch.compile should leave to Python, marked once it is loaded (then empty)
 
 
 def host_side(obj: T) -> T:
@@ -33,22 +33,26 @@ def host_side(obj: T) -> T:
     code objects themselves: no wrapper, so nothing is added to a call in eager mode (a
     ``torch.compiler.disable`` wrapper costs microseconds per call); frames they call (f, the
     solver's step) are still compiled. torch's compiler takes seconds to import, so the marks
-    are made by ``mark_host_side()`` at the first solve after it is loaded (every solve asks,
-    for the price of a dict lookup). Pinned by ``tests/test_edges.py``.
+    are made by ``mark_host_side()`` at the first solve after it is loaded (every solve asks
+    while ``HOST_SIDE`` is not empty, for the price of a dict lookup). Pinned by
+    ``tests/test_edges.py``.
     """
-    functions = [v for v in vars(obj).values() if callable(v)] if isinstance(obj, type) else [obj]
-    _HOST_SIDE.extend(fn for fn in functions if hasattr(fn, "__code__"))
+    members = list(vars(obj).values()) if isinstance(obj, type) else [obj]
+    for member in members:  # functions, and those behind classmethod / staticmethod / property
+        for fn in (getattr(member, "__func__", member), getattr(member, "fget", None)):
+            if hasattr(fn, "__code__"):
+                HOST_SIDE.append(fn)
     return obj
 
 
 def mark_host_side() -> None:
     """Make the marks of ``host_side`` once torch's compiler is loaded (a no-op until then)."""
-    if _HOST_SIDE and "torch._dynamo" in sys.modules:
+    if HOST_SIDE and "torch._dynamo" in sys.modules:
         from torch._dynamo.decorators import skip
 
-        for fn in _HOST_SIDE:
+        for fn in HOST_SIDE:
             skip(fn)
-        _HOST_SIDE.clear()
+        HOST_SIDE.clear()
 
 
 class SolveToken:

@@ -32,11 +32,42 @@ from ._problem import Problem, to_device
 from ._result import Result
 
 RUNNING = -1
-SUCCESS, MAX_STEPS, DIVERGED, NONFINITE = (int(r) for r in (Result.SUCCESS, Result.MAX_STEPS, Result.DIVERGED, Result.NONFINITE))
+SUCCESS, MAX_STEPS, ESCAPED, DIVERGED, NONFINITE = (int(r) for r in Result)
+# escape: an absolute residual above this fraction of its largest value so far has "not fallen"
+NOT_FALLEN = 0.5
 
 # Compaction copies the working rows, so it is done O(log B) times, not once per stop: when at
 # most this fraction of the working rows is still iterating.
 COMPACT_AT = 0.75
+
+
+@host_side
+@dataclasses.dataclass
+class Reference:
+    """What each sample's later tests are judged against, from its first test: ``||f(z)||``
+    then (escape), the largest ``||f(z) - z||`` so far (escape) and the DIVERGED threshold. Host
+    arrays over the batch; a solve that continues another (``Fallback``) goes on with them."""
+
+    first_size: np.ndarray
+    peak: np.ndarray
+    diverged_above: Optional[np.ndarray]
+
+    @classmethod
+    def first(cls, diff: np.ndarray, size: np.ndarray, divergence: Optional[float]) -> "Reference":
+        finite = np.where(np.isfinite(diff), diff, 0.0)
+        above = None if divergence is None else divergence * np.maximum(finite, np.finfo(np.float64).tiny)
+        return cls(size, finite.copy(), above)
+
+    def rows(self, index: np.ndarray) -> "Reference":
+        above = None if self.diverged_above is None else self.diverged_above[index]
+        return Reference(self.first_size[index], self.peak[index], above)
+
+    def write(self, index: Optional[np.ndarray], into: "Reference") -> None:
+        """Put these rows (positions ``index`` of ``into``, or all of it) into ``into``."""
+        where = slice(None) if index is None else index
+        into.first_size[where], into.peak[where] = self.first_size, self.peak
+        if into.diverged_above is not None and self.diverged_above is not None:
+            into.diverged_above[where] = self.diverged_above
 
 
 @dataclasses.dataclass
@@ -52,6 +83,9 @@ class LoopOutput:
     trajectory: tuple[tuple[Tensor, Tensor], ...]  # last k pairs (z_i, f(z_i)), oldest first
     nfev: int
     sample_evals: int
+    finished_by: Optional[Tensor] = None  # (B,) which solver of a chain gave each answer (None: one solver)
+    nfev_by_solver: tuple[int, ...] = ()  # calls of f by each solver of a chain (empty: one solver)
+    reference: Optional[Reference] = None  # the loop's per-sample references, for a solve that continues it
 
 
 @host_side
@@ -70,7 +104,8 @@ def where_rows(mask: np.ndarray, a: Tensor, b: Tensor) -> Tensor:
 class Ledger:
     """Per-sample records of one forward loop (see the module's docstring)."""
 
-    def __init__(self, problem: Problem, options: SolveOptions, z: Tensor, fz: Tensor, compactable: bool):
+    def __init__(self, problem: Problem, options: SolveOptions, z: Tensor, fz: Tensor, compactable: bool,
+                 reference: Optional[Reference] = None):
         batch = z.shape[0]
         self.problem, self.options = problem, options
         self.fixed = options.fixed_steps
@@ -83,7 +118,8 @@ class Ledger:
         self.active = np.ones(batch, dtype=bool)
         self.everyone = True  # every working row is still iterating
         self.untouched = True  # no sample has stopped yet
-        self.diverged_above: Optional[np.ndarray] = None
+        self.ref = None if reference is None else reference.rows(np.arange(batch))  # a copy: the loop updates it
+        self.eps = float(torch.finfo(z.dtype).eps)
         self.newly_failed: Optional[np.ndarray] = None
         self.best_z, self.best_fz = z, fz
         self.trace: list[np.ndarray] = []
@@ -92,6 +128,7 @@ class Ledger:
         # rows compacted away, and whole-batch tensors to spread working rows over
         self.work: Optional[np.ndarray] = None
         self.whole: dict[str, np.ndarray] = {}
+        self.whole_ref: Optional[Reference] = None
         self.out: Optional[tuple[Tensor, Tensor]] = None  # whole-batch best iterates
         self.frozen: Optional[tuple[Tensor, Tensor]] = None  # whole-batch iterates, for the trajectory
 
@@ -113,12 +150,14 @@ class Ledger:
         options = self.options
         res = diff if options.stop_mode == "abs" else diff / (size + 1e-9)
         self.res = res
-        if self.diverged_above is None and options.divergence is not None:  # from the first residual
-            self.diverged_above = options.divergence * np.maximum(np.where(np.isfinite(diff), diff, 0.0), np.finfo(np.float64).tiny)
+        if self.ref is None:  # the first residual: divergence and escape are judged against it
+            self.ref = Reference.first(diff, size, options.divergence)
+        ref = self.ref
         # running: finite, not converged, not diverged (NaN compares False throughout)
+        np.fmax(ref.peak, diff, out=ref.peak)
         running = np.isfinite(res) if options.tol is None else res > options.tol
-        if self.diverged_above is not None:
-            running &= diff <= self.diverged_above
+        if ref.diverged_above is not None:
+            running &= diff <= ref.diverged_above
         if self.work is None and self.untouched and running.all():  # every sample was and stays running
             self.trace.append(res)
             self._improve(running if self.fixed else res < self.best_res, z, fz, res)
@@ -130,11 +169,13 @@ class Ledger:
         # with a fixed number of steps the last finite iterate is kept, else the lowest residual
         self._improve(self.active & finite & (True if self.fixed else res < self.best_res), z, fz, res)
         status = np.where(running, RUNNING, np.where(finite, SUCCESS, NONFINITE))
-        if self.diverged_above is not None:  # judged on the absolute residual in either stop_mode
-            status = np.where(finite & ~running & (diff > self.diverged_above), DIVERGED, status)
+        if ref.diverged_above is not None:  # judged on the absolute residual in either stop_mode
+            status = np.where(finite & ~running & (diff > ref.diverged_above), DIVERGED, status)
+        if options.escape is not None and options.stop_mode == "rel" and not self.fixed:
+            status = np.where((status == SUCCESS) & self._escaped(diff, size), ESCAPED, status)
         self.status = np.where(self.active, status, self.status)
         self.keep(z, fz)
-        self.newly_failed = self.active & (self.status >= DIVERGED)
+        self.newly_failed = self.active & (self.status >= ESCAPED)
         return not (self.status == RUNNING).any()
 
     def settle(self, z: Tensor, fz: Tensor, state: Any, solver: Any) -> tuple[Tensor, Tensor, Any]:
@@ -174,6 +215,7 @@ class Ledger:
             trajectory=tuple(self.kept),
             nfev=problem.nfev,
             sample_evals=problem.sample_evals,
+            reference=self.whole_ref,
         )
 
     # -- helpers ----------------------------------------------------------------------------
@@ -185,6 +227,16 @@ class Ledger:
             self.best_z = where_rows(improved, z, self.best_z)
             self.best_fz = where_rows(improved, fz, self.best_fz)
             self.best_res = np.where(improved, res, self.best_res)
+
+    def _escaped(self, diff: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """Samples whose ``||f(z)||`` grew past ``escape`` times its first value while the
+        absolute residual stayed above ``NOT_FALLEN`` of its largest value so far (the largest,
+        not the first: a map that first amplifies a small start, then converges, has fallen from
+        its peak). A residual below the round-off of ``||f(z)||`` (``eps ||f(z)||``) is not a
+        fall: far out, ``f(z) - z`` can round to 0 for a map that only drifts."""
+        assert self.ref is not None and self.options.escape is not None
+        grown = size >= self.options.escape * np.maximum(self.ref.first_size, np.finfo(np.float64).tiny)
+        return grown & (np.maximum(diff, self.eps * size) >= NOT_FALLEN * self.ref.peak)
 
     def _record_trace(self, entry: np.ndarray) -> None:
         if self.work is not None:  # rows compacted away keep their last entry
@@ -206,9 +258,12 @@ class Ledger:
         records = {"status": self.status, "steps": self.steps, "best_res": self.best_res, "final": final}
         if self.work is None:
             self.whole.update((key, value.copy()) for key, value in records.items())
+            self.whole_ref = None if self.ref is None else self.ref.rows(np.arange(self.status.size))
         else:
             for key, value in records.items():
                 self.whole[key][self.work] = value
+            if self.ref is not None and self.whole_ref is not None:
+                self.ref.write(self.work, self.whole_ref)
 
     def _compact(self, z: Tensor, fz: Tensor, state: Any, solver: Any) -> tuple[Tensor, Tensor, Any]:
         """Record the working rows over the whole batch, then keep only those still iterating."""
@@ -222,8 +277,8 @@ class Ledger:
         state = solver.select(state, local)
         for name in ("status", "steps", "best_res", "res", "active"):
             setattr(self, name, getattr(self, name)[keep])
-        if self.diverged_above is not None:
-            self.diverged_above = self.diverged_above[keep]
+        if self.ref is not None:
+            self.ref = self.ref.rows(keep)
         self.work = keep if self.work is None else self.work[keep]
         self.everyone = True
         return z, fz, state

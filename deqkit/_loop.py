@@ -11,12 +11,12 @@ as the steps see it is ``Problem`` (``_problem.py``); the per-sample records are
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import Tensor
 
 from ._context import host_side
-from ._ledger import LoopOutput, Ledger
+from ._ledger import Ledger, LoopOutput, Reference
 from ._options import SolveOptions
 from ._problem import Problem
 
@@ -24,8 +24,13 @@ __all__ = ["LoopOutput", "Problem", "iterate"]
 
 
 @host_side  # its stopping rule branches on host arrays; f and the solver's step are compiled apart
-def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) -> LoopOutput:
+def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions, start: Optional[Tensor] = None,
+            reference: Optional[Reference] = None) -> LoopOutput:
     """Run ``solver`` from ``z0`` until every sample has stopped or ``max_steps`` have run.
+
+    A solve that continues another's (``Fallback``) passes ``start = f(z0)`` when it has it (no
+    call) and the other loop's ``reference``, so divergence and escapes are judged against the
+    samples' first tests, not against the restart.
 
     Convergence is tested every ``check_every`` iterations and at the last: each test is the
     loop's one wait for the device (the residual norms go to the host). With
@@ -33,9 +38,9 @@ def iterate(solver: Any, problem: Problem, z0: Tensor, options: SolveOptions) ->
     of its state the working tensors shrink to the samples still iterating.
     """
     z = z0
-    fz = problem.evaluate(z, None)
+    fz = problem.evaluate(z, None) if start is None else start
     state = solver.init(z, fz, problem)
-    book = Ledger(problem, options, z, fz, compactable=problem.active_set and solver.selects_rows)
+    book = Ledger(problem, options, z, fz, compactable=problem.active_set and solver.selects_rows, reference=reference)
     for it in range(1, options.max_steps + 1):
         book.count_step()
         last = it == options.max_steps

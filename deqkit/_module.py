@@ -44,9 +44,10 @@ class DEQ(nn.Module):
         max_steps (int): iteration budget, as in ``fixed_point``.
         active_set (bool): call the cell only on samples still iterating (no batch coupling).
         divergence (float | None): the DIVERGED threshold factor, as in ``fixed_point``.
+        escape (float | None): the ESCAPED growth factor, as in ``fixed_point``.
         trajectory (int): number of iterates kept for deep supervision.
         check_every (int): test convergence every this many iterations, as in ``fixed_point``.
-        throw (bool): raise ``SolveError`` on NONFINITE/DIVERGED.
+        throw (bool): raise ``SolveError`` on ESCAPED, DIVERGED or NONFINITE.
         throw_on_max_steps (bool): also raise on MAX_STEPS.
 
     ``forward(*inputs, z0=None)``: ``z0`` may be a Tensor or a previous ``Solution`` (warm start).

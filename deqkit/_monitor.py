@@ -70,7 +70,8 @@ class SolveRecord:
     fallbacks: Optional[int]
     """Samples whose answer came from a later solver of a ``Fallback`` chain."""
     nfev_by_solver: Optional[tuple[int, ...]]
-    """Calls of ``f`` by each solver of the chain (one entry for a plain solver), summed by position."""
+    """Calls of ``f`` in the forward loop by each solver of the chain (one entry for a plain
+    solver), summed by position."""
     backward_passes: int
     """Implicit backward passes (adjoint solves) recorded in the solves' ``Stats.backward``."""
     backward_nfev: int
@@ -189,7 +190,7 @@ def summarize_solves(*solves: Union[Solution, Stats], step: int = 0, **scalars: 
         failed=int((~success).sum()),
         escaped=_count([None if e is None else int(e.sum()) for e in escaped]),
         fallbacks=_count([None if b is None else int((b > 0).sum()) for b in finished_by]),
-        nfev_by_solver=_by_position([None if c is None else tuple(int(n) for n in c) for c in chains]),
+        nfev_by_solver=_by_position([tuple(int(n) for n in c) if c else None for c in chains]),
         backward_passes=len(passes),
         backward_nfev=sum(int(b.nfev) for b in passes),
         backward_residual_max=max((float(b.residual.max()) for b in passes), default=None),

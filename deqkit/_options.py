@@ -25,6 +25,7 @@ class OptionOverrides(TypedDict, total=False):
     max_steps: int
     active_set: bool
     divergence: Optional[float]
+    escape: Optional[float]
     trajectory: int
     check_every: int
     throw: bool
@@ -41,13 +42,20 @@ class SolveOptions:
         tol: per-sample tolerance on the residual, a finite number > 0; or ``None`` for a fixed
             number of iterations: every sample runs exactly ``max_steps`` iterations, nothing is
             tested for convergence, and the value is the last iterate's image (not the
-            lowest-residual one). A sample then ends SUCCESS unless it went NONFINITE or DIVERGED.
+            lowest-residual one). A sample then ends SUCCESS unless it went NONFINITE or DIVERGED
+            (nothing is tested, so nothing can escape).
         stop_mode: "rel" (``||f(z) - z|| / ||f(z)||``) or "abs" (``||f(z) - z||``).
         max_steps: calls of f per solve, an integer >= 1.
         active_set: call f only on the samples still iterating; every tensor in ``inputs`` is
             then per-sample (first dim = batch) and sliced with z.
         divergence: a sample whose absolute residual grows past this factor times its first
             value stops with DIVERGED (a number > 1), or ``None`` for never.
+        escape: with ``stop_mode="rel"``, a sample whose relative test passes while ``||f(z)||``
+            has grown past this factor times its first value and its absolute residual
+            ``||f(z) - z||`` has not fallen below half its largest value ends ESCAPED, not SUCCESS:
+            its relative residual fell only because the iterate ran away (a number > 1; ``None``
+            for never). An absolute residual below the round-off of ``||f(z)||`` counts as not
+            fallen. See docs/stability.md for the measurements behind the thresholds.
         trajectory: how many of the last iterates' images to keep, >= 0.
         check_every: test convergence every this many iterations (an integer >= 1). Each test
             copies the residual norms to the host, the loop's one synchronisation with the
@@ -56,7 +64,7 @@ class SolveOptions:
             (up to ``check_every - 1`` iterations late), its best iterate is chosen among the
             tested ones, ``divergence`` is judged against its first tested residual, and the
             trace has one column per test. ``trajectory`` still keeps every iterate.
-        throw: raise ``SolveError`` on NONFINITE or DIVERGED.
+        throw: raise ``SolveError`` on ESCAPED, DIVERGED or NONFINITE.
         throw_on_max_steps: also raise on MAX_STEPS.
 
     Example:
@@ -71,6 +79,7 @@ class SolveOptions:
     max_steps: int = 50
     active_set: bool = False
     divergence: Optional[float] = 1e4
+    escape: Optional[float] = 10.0
     trajectory: int = 0
     check_every: int = 1
     throw: bool = True
@@ -84,6 +93,8 @@ class SolveOptions:
             "max_steps": _max_steps(self.max_steps),
             "divergence": None if self.divergence is None else _checks.above(
                 "divergence", self.divergence, 1, ", or None to never stop on divergence"),
+            "escape": None if self.escape is None else _checks.above(
+                "escape", self.escape, 1, ", or None to never judge escapes"),
             "trajectory": _checks.integer("trajectory", self.trajectory, minimum=0),
             "check_every": _checks.integer("check_every", self.check_every, hint=" (test convergence every k iterations)"),
         }

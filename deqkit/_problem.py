@@ -109,13 +109,18 @@ class Problem:
         self.active_set = active_set
         if active_set:
             _check_inputs_per_sample(self._inputs, self._batch)
-        self._work: Tensor | None = None  # the working rows (global indices), None for the whole batch
-        self._work_inputs = self._inputs  # inputs restricted to the working rows
-        self._active = torch.ones(self._batch, dtype=torch.bool, device=z0.device)
-        self._idx: Tensor | None = None  # positions (in the working rows) still iterating, None when all are
         self.nfev = 0
         self.sample_evals = 0
         self._no_forward_ad = False
+        self.restart()
+
+    def restart(self) -> None:
+        """The whole batch again, every sample active (a loop that continues another's solve);
+        the counts of calls go on."""
+        self._work: Tensor | None = None  # the working rows (global indices), None for the whole batch
+        self._work_inputs = self._inputs  # inputs restricted to the working rows
+        self._active = torch.ones(self._batch, dtype=torch.bool, device=self._device)
+        self._idx: Tensor | None = None  # positions (in the working rows) still iterating, None when all are
         self._residual: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @property

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _parametrize
 from ._backward import AbstractBackward, Implicit, check_backward
-from ._context import mark_host_side, solve_scope, under_functorch
+from ._context import HOST_SIDE, mark_host_side, solve_scope, under_functorch
 from ._ledger import LoopOutput
 from ._options import SolveOptions, options_from
 from ._problem import Problem
@@ -97,7 +97,10 @@ def fixed_point(
         check_every (int): test convergence every this many iterations (default every one). Each
             test is one wait for the device (the residual norms go to the host); on a GPU a
             larger value lets it run ahead, at up to ``check_every - 1`` extra iterations.
-        throw (bool): raise ``SolveError`` on NONFINITE or DIVERGED (else return the code).
+        escape (float | None): with stop_mode "rel", a sample whose relative test passes only
+            because ``||f(z)||`` grew past this factor times its first value (its absolute
+            residual not below half its largest) ends ESCAPED, not SUCCESS (None: never).
+        throw (bool): raise ``SolveError`` on ESCAPED, DIVERGED or NONFINITE (else return the code).
         throw_on_max_steps (bool): also raise when a sample ends with MAX_STEPS.
 
     Numbers may be Python or numpy scalars. The value depends only on (f, z0, inputs, solver,
@@ -124,7 +127,8 @@ def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver:
           options: SolveOptions) -> Solution:
     """``fixed_point`` with its options as one checked ``SolveOptions`` record (used by ``DEQ``);
     ``solver``/``backward`` None take the defaults."""
-    mark_host_side()
+    if HOST_SIDE:  # checked here, not in the call: a compiled model would break its graph at the call
+        mark_host_side()
     solver = as_solver(DEFAULT_SOLVER if solver is None else solver)
     backward = DEFAULT_BACKWARD if backward is None else backward
     check_backward(backward)
@@ -165,9 +169,11 @@ def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver
         tol=options.tol,
         sample_evals=sample_evals,
         backward=log,
+        finished_by=torch.zeros_like(status) if out.finished_by is None else out.finished_by,
+        nfev_by_solver=out.nfev_by_solver or (out.nfev,),
     )
     solution = Solution(value=value, result=worst(status), stats=stats, trajectory=kept)
-    failed = solution.result >= Result.DIVERGED or (options.throw_on_max_steps and solution.result == Result.MAX_STEPS)
+    failed = solution.result >= Result.ESCAPED or (options.throw_on_max_steps and solution.result == Result.MAX_STEPS)
     if options.throw and failed:
         raise SolveError(describe_failure(status, out.residual, options.tol, options.stop_mode), solution)
     return solution

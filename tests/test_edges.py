@@ -542,3 +542,24 @@ def test_a_compiled_step_at_the_recompile_limit_falls_back_once_with_a_warning()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning once eager
         deqkit.fixed_point(lambda z: torch.tanh(z @ w.T + 1), torch.zeros(7, 3, dtype=F64), solver=solver, tol=None, max_steps=4)
+
+
+def test_two_variational_dropouts_in_one_map_keep_a_mask_each():
+    torch.manual_seed(0)
+    a, b = deqkit.nn.VariationalDropout(0.5).train(), deqkit.nn.VariationalDropout(0.5).train()
+    x = torch.randn(3, 8, dtype=F64)
+    sol = deqkit.fixed_point(lambda z, x: 0.3 * a(torch.tanh(z)) + 0.2 * b(torch.tanh(z)) + x, torch.zeros(3, 8, dtype=F64),
+                             inputs=(x,), solver=deqkit.FixedPoint(), tol=1e-10, max_steps=200)
+    assert sol.success  # one mask each for the whole solve: the map stays fixed
+
+
+def test_divergence_is_judged_after_a_compaction_too():
+    # four samples stop early (compaction), one diverges later: DIVERGED against its own first residual
+    x = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0]], dtype=F64) * torch.ones(5, 3, dtype=F64)
+    grow = torch.tensor([[0.0], [0.0], [0.0], [0.0], [1.0]], dtype=F64)
+    f = lambda z, x, g: torch.where(g > 0, 3.0 * z + 1.0, 0.1 * z + x)  # noqa: E731
+    for active_set in (False, True):
+        sol = deqkit.fixed_point(f, torch.zeros(5, 3, dtype=F64), inputs=(x, grow), solver=deqkit.FixedPoint(), tol=1e-8,
+                                 max_steps=60, active_set=active_set, throw=False)
+        assert sol.stats.status.tolist() == [0, 0, 0, 0, int(deqkit.Result.DIVERGED)], active_set
+        assert int(sol.stats.steps[4]) < 20
