@@ -274,16 +274,18 @@ def fallback_summary(per_seed: list[dict]) -> dict:
     }
     if CHAIN not in names:
         return summary
-    missed, ratios = 0, []
+    missed, ratios, over_first = 0, [], []
     for s in per_seed:
         anderson, broyden, chain = s["Anderson"], s["Broyden"], s[CHAIN]
         for k, done in enumerate(chain["finished"]):
             missed += sum((a or b) and not c for a, b, c in zip(anderson["finished"][k], broyden["finished"][k], done))
             if all(anderson["finished"][k]):
                 ratios.append(chain["nfev"][k] / min(anderson["nfev"][k], broyden["nfev"][k]))
+                over_first.append(chain["nfev"][k] / anderson["nfev"][k])
     summary.update(missed_by_fallback=missed, easy_batches=len(ratios),
                    easy_batch_nfev_ratio_max=max(ratios) if ratios else None,
-                   easy_batch_nfev_ratio_mean=_mean(ratios) if ratios else None)
+                   easy_batch_nfev_ratio_mean=_mean(ratios) if ratios else None,
+                   easy_batch_nfev_over_anderson_max=max(over_first) if over_first else None)
     return summary
 
 

@@ -171,6 +171,7 @@ def test_fallback_summary_counts_misses_and_easy_batches():
     assert summary["missed_by_fallback"] == 2  # the second batch's second sample, which Broyden finishes
     assert summary["easy_batches"] == 2  # the first batch of each seed
     assert summary["easy_batch_nfev_ratio_max"] == summary["easy_batch_nfev_ratio_mean"] == 10 / 8
+    assert summary["easy_batch_nfev_over_anderson_max"] == 1.0
     plain = stability.fallback_summary([{k: v for k, v in seed.items() if k != stability.CHAIN}])
     assert "missed_by_fallback" not in plain and plain["samples"] == 4
 

@@ -153,7 +153,30 @@ def test_a_real_stats_gives_the_fields_it_has():
     assert (rec.fallbacks is not None) == has["finished_by"]
     assert (rec.nfev_by_solver is not None) == has["nfev_by_solver"]
     if has["nfev_by_solver"]:  # a plain solver: one entry, all the calls
-        assert rec.nfev_by_solver == (TEMPLATE.nfev,) and rec.fallbacks == 0 and rec.escaped == 0
+        assert rec.nfev_by_solver == tuple(TEMPLATE.nfev_by_solver) and len(rec.nfev_by_solver) == 1
+        assert rec.fallbacks == 0 and rec.escaped == 0
+
+
+def test_a_fallback_chain_and_escapes_are_counted_from_real_solves():
+    a = torch.tensor([[0.3], [0.99], [0.3]], dtype=F64)
+    chain = deqkit.Fallback(deqkit.FixedPoint(), deqkit.Anderson())
+    sol = deqkit.fixed_point(lambda z: a * z + 0.5, torch.zeros(3, 4, dtype=F64), tol=1e-6, max_steps=60, solver=chain)
+    rec = deqkit.summarize_solves(sol)
+    assert sol.stats.finished_by.tolist() == [0, 1, 0]
+    assert rec.fallbacks == 1 and rec.nfev_by_solver == tuple(sol.stats.nfev_by_solver) and len(rec.nfev_by_solver) == 2
+    assert (rec.escaped, rec.failed, rec.converged) == (0, 0, 1.0)
+    c = torch.ones(2, 4)
+    drift = deqkit.fixed_point(lambda z: z + c, torch.zeros(2, 4), solver=deqkit.FixedPoint(), tol=1e-2, max_steps=500,
+                               throw=False)
+    rec = deqkit.summarize_solves(sol, drift)
+    assert (rec.escaped, rec.failed, rec.samples, rec.fallbacks) == (2, 2, 5, 1)
+    assert rec.converged == pytest.approx(0.6)
+    assert rec.nfev_by_solver == (sol.stats.nfev_by_solver[0] + drift.stats.nfev_by_solver[0], sol.stats.nfev_by_solver[1])
+
+
+def test_an_empty_chain_record_is_unknown():
+    rec = deqkit.summarize_solves(legacy(5, escaped=torch.zeros(4, dtype=torch.bool), finished_by=None, nfev_by_solver=()))
+    assert (rec.escaped, rec.fallbacks, rec.nfev_by_solver) == (0, None, None)
 
 
 @pytest.mark.parametrize("solves, kwargs, error, match", [
@@ -366,7 +389,7 @@ def test_jsonl_and_csv_hold_every_record(tmp_path):
     s = legacy(9, escaped=torch.tensor([True, False, False, False]), finished_by=torch.tensor([0, 1, 0, 0]),
                nfev_by_solver=(6, 3))
     with Monitor(jsonl=jsonl, csv=table, window=2) as m:
-        recs = [m.step(s, loss=0.5), m.step(stats(11), loss=0.25)]
+        recs = [m.step(s, loss=0.5), m.step(legacy(11), loss=0.25)]
         # written as they come (flushed), not only on close
         assert len(jsonl.read_text().splitlines()) == 2
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
