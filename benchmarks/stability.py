@@ -82,7 +82,7 @@ class Setup:
 
 SETUPS = {
     False: Setup(width=64, gain=0.5, steps=600, batch=64, lr=5e-3, tol=1e-3, max_steps=40, window=10, nfev_factor=1.5,
-                 fixed_weight=2.0, adaptive={"start": 2.0, "factor": 2.0, "max_weight": 16.0},
+                 fixed_weight=2.0, adaptive={"start": 2.0, "factor": 2.0, "max_weight": 4.0},
                  fallback_tol=1e-5, fallback_steps=20, fallback_batch=60),
     True: Setup(width=16, gain=0.5, steps=24, batch=16, lr=5e-3, tol=1e-3, max_steps=20, window=3, nfev_factor=1.01,
                 fixed_weight=1.0, adaptive={"start": 0.5, "factor": 2.0, "max_weight": 4.0, "raise_above": 1.01, "lower_below": 1.0},
@@ -99,13 +99,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 600; 24 with --quick)")
     parser.add_argument("--fixed-weight", type=float, default=None,
                         help="the fixed arm's Jacobian weight (default 2.0; 1.0 with --quick)")
+    parser.add_argument("--max-weight", type=float, default=None,
+                        help="the adaptive arm's largest Jacobian weight (default 4.0, twice the fixed weight)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1; 0: torch's choice). More than one makes timings "
                              "fragile on a shared machine (docs/benchmarks.md)")
     add_device_option(parser)
     args = parser.parse_args(argv)
-    if args.fixed_weight is not None and not args.fixed_weight > 0:
-        parser.error(f"--fixed-weight must be > 0, got {args.fixed_weight}")
+    for name in ("fixed_weight", "max_weight"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     for name in ("seeds", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -120,6 +124,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         setup = dataclasses.replace(setup, steps=args.steps)
     if args.fixed_weight is not None:
         setup = dataclasses.replace(setup, fixed_weight=args.fixed_weight)
+    if args.max_weight is not None:
+        if args.max_weight < setup.adaptive["start"]:
+            parser.error(f"--max-weight must be >= the adaptive start weight {setup.adaptive['start']:g}, got {args.max_weight}")
+        setup = dataclasses.replace(setup, adaptive={**setup.adaptive, "max_weight": args.max_weight})
     if setup.steps < 2 * setup.window:
         parser.error(f"--steps must be at least {2 * setup.window} (two monitor windows), got {setup.steps}")
     args.setup = setup

@@ -202,6 +202,8 @@ def test_rolling_and_spread():
     (["--steps", "19"], "--steps must be at least 20 (two monitor windows), got 19"),
     (["--quick", "--steps", "5"], "--steps must be at least 6"),
     (["--fixed-weight", "0"], "--fixed-weight must be > 0, got 0.0"),
+    (["--max-weight", "-1"], "--max-weight must be > 0, got -1.0"),
+    (["--max-weight", "1"], "--max-weight must be >= the adaptive start weight 2, got 1.0"),
     (["--threads", "-1"], "--threads must be >= 0, got -1"),
     (["--device", "nonsense"], "--device 'nonsense': expected cpu, cuda or cuda:N"),
     (["--out", "a_file"], "--out 'a_file' exists and is not a folder"),
@@ -216,8 +218,10 @@ def test_bad_options_name_the_argument(argv, message, capsys, tmp_path, monkeypa
 
 
 def test_options_set_the_setup(tmp_path):
-    args = stability.parse_args(["--steps", "40", "--fixed-weight", "3", "--seeds", "1", "--out", str(tmp_path)])
+    args = stability.parse_args(["--steps", "40", "--fixed-weight", "3", "--max-weight", "16", "--seeds", "1",
+                                 "--out", str(tmp_path)])
     assert (args.setup.steps, args.setup.fixed_weight, args.seeds) == (40, 3.0, 1)
+    assert args.setup.adaptive == {**stability.SETUPS[False].adaptive, "max_weight": 16.0}
     assert args.setup.width == stability.SETUPS[False].width and args.device == torch.device("cpu")
     args = stability.parse_args(["--quick"])
     assert args.setup == stability.SETUPS[True] and args.seeds == 2 and args.threads == 1
