@@ -13,13 +13,14 @@ up. Three arms, each over ``--seeds`` seeds:
 - ``none``: the cross-entropy alone;
 - ``fixed``: plus ``--fixed-weight`` x ``jacobian_reg(...).mean`` at every step;
 - ``adaptive``: plus ``AdaptiveJacobianWeight.value`` x the same penalty, computed only while
-  the weight is above 0, the weight updated from a ``Monitor``'s trend after each step.
+  the weight is above 0, the weight updated from a ``Monitor``'s trend after each step
+  (``start`` 2, ``factor`` 2, at most ``--max-weight``, default 4).
 
 Every step's ``SolveRecord`` goes to OUT/logs/<arm>-seed<k>.jsonl. For each run: NFE per step,
 its mean over the first ``window`` steps (the start, the monitor's baseline) and over the last
 tenth of training (the end), test accuracy, wall time of the training loop, forward samples
-that did not end SUCCESS (and ESCAPED ones, where the Stats record them), and the monitor's
-warnings. Then, where ``deqkit.Fallback`` exists, each unregularised model's map solves the
+that did not end SUCCESS (and ESCAPED ones), the monitor's warnings, and on the test set each
+sample's iterations and the spectral radius of the map's Jacobian at its fixed point. Then, where ``deqkit.Fallback`` exists, each unregularised model's map solves the
 test set in batches with Anderson, Broyden and Fallback(Anderson, Broyden) to a tighter
 tolerance on a short budget: samples each finishes, and evaluations on the batches Anderson
 finishes alone. The issue's targets are checked and reported (met or missed, with the numbers).
