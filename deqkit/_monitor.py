@@ -354,11 +354,15 @@ class Monitor:
         self._files: list[IO[str]] = []
         self._tb: Optional[ScalarWriter] = None
         self._tb_owned = False
-        self._jsonl = self._open("jsonl", jsonl)
-        self._csv_file = self._open("csv", csv)
         self._csv_columns: Optional[list[str]] = None
         self._csv_writer: Optional[Any] = None
-        self._tb, self._tb_owned = self._writer(tensorboard)
+        try:
+            self._jsonl = self._open("jsonl", jsonl)
+            self._csv_file = self._open("csv", csv)
+            self._tb, self._tb_owned = self._writer(tensorboard)
+        except BaseException:  # a bad later argument leaves no file open
+            self.close()
+            raise
 
     # -- outputs ---------------------------------------------------------------------------
 
@@ -387,7 +391,6 @@ class Monitor:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            self.close()
             raise ImportError(f"tensorboard={str(tensorboard)!r} needs the tensorboard package (pip install tensorboard): "
                               f"{exc}") from exc
         return SummaryWriter(log_dir=str(tensorboard)), True

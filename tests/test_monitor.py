@@ -378,6 +378,22 @@ def test_bad_file_paths_are_named(tmp_path):
         Monitor(csv=tmp_path / "missing" / "log.csv")
 
 
+def test_a_bad_later_argument_leaves_no_file_open(tmp_path, monkeypatch):
+    opened = []
+    real_open = open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(ValueError, match="does not exist"):
+        Monitor(jsonl=tmp_path / "a.jsonl", csv=tmp_path / "missing" / "b.csv")
+    with pytest.raises(TypeError, match="tensorboard must be"):
+        Monitor(jsonl=tmp_path / "a.jsonl", csv=tmp_path / "b.csv", tensorboard=3)
+    assert len(opened) == 3 and all(handle.closed for handle in opened)
+
+
 # -- Monitor: files ---------------------------------------------------------------------------
 def read_csv(path) -> list[dict]:
     with open(path, newline="") as handle:
