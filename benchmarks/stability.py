@@ -408,8 +408,8 @@ def plot_fallback(summary: dict, out: Path) -> str:
 
     names = list(summary["finished"])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.bar(names, [summary["finished"][n] / summary["samples"] for n in names], color="tab:green")
-    a1.set_ylabel("samples finished (fraction)")
+    a1.bar(names, [summary["samples"] - summary["finished"][n] for n in names], color="tab:red")
+    a1.set_ylabel(f"samples not finished (of {summary['samples']})")
     a2.bar(names, [summary["nfev"][n] for n in names], color="tab:blue")
     a2.set_ylabel("calls of f, all batches")
     for a in (a1, a2):
