@@ -85,7 +85,7 @@ SETUPS = {
     False: Setup(width=64, gain=0.5, steps=600, batch=64, lr=5e-3, tol=1e-3, max_steps=40, window=10, nfev_factor=1.5,
                  fixed_weight=2.0, adaptive={"start": 2.0, "factor": 2.0, "max_weight": 4.0},
                  fallback_tol=1e-5, fallback_steps=20, fallback_batch=60),
-    True: Setup(width=16, gain=0.5, steps=24, batch=16, lr=5e-3, tol=1e-3, max_steps=20, window=3, nfev_factor=1.01,
+    True: Setup(width=16, gain=0.5, steps=24, batch=16, lr=5e-3, tol=1e-3, max_steps=9, window=3, nfev_factor=1.01,
                 fixed_weight=1.0, adaptive={"start": 0.5, "factor": 2.0, "max_weight": 4.0, "raise_above": 1.01, "lower_below": 1.0},
                 fallback_tol=1e-5, fallback_steps=6, fallback_batch=30),
 }
