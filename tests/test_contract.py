@@ -371,7 +371,7 @@ def test_zero_steps_is_refused_with_the_spelling_of_gets_recipe():
 
 def test_result_prints_its_name():
     assert str(deqkit.Result.SUCCESS) == "SUCCESS" and f"{deqkit.Result.MAX_STEPS}" == "MAX_STEPS"
-    assert f"{deqkit.Result.NONFINITE:>10}" == " NONFINITE" and f"{deqkit.Result.DIVERGED:d}" == "2"
+    assert f"{deqkit.Result.NONFINITE:>10}" == " NONFINITE" and f"{deqkit.Result.DIVERGED:d}" == "3" and f"{deqkit.Result.ESCAPED:d}" == "2"
 
 
 def test_torch_func_transforms_are_refused_clearly():
