@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deqkit  # noqa: E402
+from _device import add_device_option, describe, header, resolve  # noqa: E402
 from _problems import Problem, get_t, heterogeneous, linear_ill, mdeq_conv  # noqa: E402
 
 SOLVERS = {"FixedPoint": deqkit.FixedPoint(), "Anderson": deqkit.Anderson(), "Broyden": deqkit.Broyden()}
@@ -58,8 +59,8 @@ class _PreLN(torch.nn.Module):
         return z + self.mlp(self.ln2(z))
 
 
-def maps(quick: bool) -> list[tuple[str, bool, Problem]]:
-    """(kind, has a fixed point, problem)."""
+def maps(quick: bool, device: torch.device) -> list[tuple[str, bool, Problem]]:
+    """(kind, has a fixed point, problem); numbers drawn on the CPU from the seed, then moved."""
     g = torch.Generator().manual_seed(0)
     f64 = torch.float64
     b, d = (4, 16) if quick else (8, 64)
@@ -67,40 +68,39 @@ def maps(quick: bool) -> list[tuple[str, bool, Problem]]:
     out: list[tuple[str, bool, Problem]] = []
 
     def add(kind: str, has: bool, name: str, f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple, budget: int) -> None:
-        out.append((kind, has, Problem(name, name, f, z0, inputs, budget=budget)))
+        out.append((kind, has, Problem(name, name, f, z0.to(device), tuple(t.to(device) for t in inputs), budget=budget)))
 
     add("drift", False, "z + c, from 0", lambda z, c: z + c, torch.zeros(b, d, dtype=f64), (c,), 3000)
     add("drift", False, "z + c, from randn", lambda z, c: z + c, torch.randn(b, d, generator=g, dtype=f64), (c,), 3000)
     torch.manual_seed(0)
-    blocks = torch.nn.Sequential(_PreLN(16), _PreLN(16)).double().eval()
+    blocks = torch.nn.Sequential(_PreLN(16), _PreLN(16)).double().eval().to(device)
     x = torch.randn(b, 8, 16, generator=g, dtype=f64)
     add("drift", False, "pre-LN blocks at init", lambda z, x: blocks(z + x), torch.randn(b, 8, 16, generator=g, dtype=f64), (x,), 200)
     if not quick:
-        p = get_t(batch=4)
-        out.append(("drift", False, p))
+        out.append(("drift", False, get_t(batch=4, device=device)))
     w = torch.randn(d, d, generator=g, dtype=f64)
     for rho in ((0.5, 0.99) if quick else (0.5, 0.9, 0.99, 0.999)):
-        wr = rho * w / torch.linalg.matrix_norm(w, ord=2)
+        wr = (rho * w / torch.linalg.matrix_norm(w, ord=2)).to(device)
         add("contraction", True, f"linear {rho}, from 0", lambda z, c, wr=wr: z @ wr.T + c, torch.zeros(b, d, dtype=f64), (c,), 3000)
         add("contraction", True, f"tanh {rho}, from 1000x", lambda z, c, wr=wr: torch.tanh(z @ wr.T + c),
             1000 * torch.randn(b, d, generator=g, dtype=f64), (c,), 3000)
     for rho in ((0.9,) if quick else (0.9, 0.99, 0.999)):
         add("slow", True, f"scalar {rho} z + c, from 0", lambda z, c, rho=rho: rho * z + c, torch.zeros(b, d, dtype=f64), (c,), 20000)
     if not quick:
-        for p in (mdeq_conv(), heterogeneous(), linear_ill()):
+        for p in (mdeq_conv(device=device), heterogeneous(device=device), linear_ill(device=device)):
             out.append(("suite", True, p))
     return out
 
 
-def trained_maps(folder: Path, students: list[Path]) -> list[tuple[str, bool, Problem]]:
+def trained_maps(folder: Path, students: list[Path], device: torch.device) -> list[tuple[str, bool, Problem]]:
     import _trained_maps as tm
 
     out = []
     for name in ("digits_mlp", "mdeq_conv_trained"):
-        model, _ = tm.trained_classifier(name, tm.SPECS[name], folder, torch.device("cpu"), False, lambda x, **k: x, print)
+        model, _ = tm.trained_classifier(name, tm.SPECS[name], folder, device, False, lambda x, **k: x, print)
         out.append(("trained", True, tm.classifier_problem(name, model, 200)))
     for path in students:
-        problem, _ = tm.get_student(path, batch=8, budget=60, device=torch.device("cpu"))
+        problem, _ = tm.get_student(path, batch=8, budget=60, device=device)
         out.append(("trained", True, problem))
     return out
 
@@ -141,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small maps, two tolerances: a smoke test")
     parser.add_argument("--trained", action="store_true", help="add the trained classifiers of benchmarks/trained.py")
     parser.add_argument("--get-student", type=Path, action="append", default=[], help="a GET student checkpoint (repeatable)")
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    device = resolve(parser, args.device)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    suite = maps(args.quick)
+    suite = maps(args.quick, device)
     if args.trained or args.get_student:
-        suite += trained_maps(args.out / "checkpoints", args.get_student)
+        suite += trained_maps(args.out / "checkpoints", args.get_student, device)
     tolerances = TOLERANCES[:2] if args.quick else TOLERANCES
     rows = []
     for kind, has_fixed_point, problem in suite:
@@ -155,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 found = passes(problem, solver, tol)
                 rows.append({"kind": kind, "fixed_point": has_fixed_point, "map": problem.name, "solver": label, "tol": tol, **found})
     summary = _summary(rows)
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "summary": summary, "fall": FALL, "growth": GROWTH}, indent=1))
+    info = describe(device)
+    (args.out / "results.json").write_text(json.dumps({"machine": info, "device": str(device), "rows": rows, "summary": summary,
+                                                       "fall": FALL, "growth": GROWTH}, indent=1))
     _plot(rows, args.out / "escape.png")
+    print(header(info, "where relative tests pass"))
     print(_table(summary))
     return 0
 

@@ -64,6 +64,7 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("overhead", (("--repeats", "5"),), (("--quick",), ("--repeats", "1")), 60),
     Stage("trained", (), (("--quick",),), 70),
     Stage("compile", (), (("--quick",),), 50),
+    Stage("escape", (("--quick",),), (("--quick",),), 20),  # a check of the rule on the device; the figures: --trained
 )
 TOTAL_BUDGET_S = 480.0
 

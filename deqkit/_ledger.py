@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -236,7 +236,8 @@ class Ledger:
         fall: far out, ``f(z) - z`` can round to 0 for a map that only drifts."""
         assert self.ref is not None and self.options.escape is not None
         grown = size >= self.options.escape * np.maximum(self.ref.first_size, np.finfo(np.float64).tiny)
-        return grown & (np.maximum(diff, self.eps * size) >= NOT_FALLEN * self.ref.peak)
+        not_fallen = np.maximum(diff, self.eps * size) >= NOT_FALLEN * self.ref.peak
+        return cast(np.ndarray, grown & not_fallen)
 
     def _record_trace(self, entry: np.ndarray) -> None:
         if self.work is not None:  # rows compacted away keep their last entry
