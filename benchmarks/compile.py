@@ -100,10 +100,9 @@ def measure(dim: int, batch: int, solvers: list[str], repeats: int, device: torc
     rows = []
     for name in solvers:
         label, solver = SOLVERS[name]
-        # each map compiles from scratch: equal compiled solvers share their graphs, and a graph
-        # compiled for another map's shapes would count against torch's recompile limit here
+        # each map compiles from scratch (each compiled record owns its graphs; reset torch's
+        # own caches too, so no earlier compilation counts against its recompile limit)
         torch._dynamo.reset()
-        deqkit._compile._shared_runtime.cache_clear()
         fast = deqkit.compiled(solver, backend=backend)
         reference = solve(solver)  # also warms up the eager path
         with warnings.catch_warnings():  # a fallback to eager is reported in the table

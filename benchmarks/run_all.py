@@ -64,6 +64,9 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("overhead", (("--repeats", "5"),), (("--quick",), ("--repeats", "1")), 60),
     Stage("trained", (), (("--quick",),), 70),
     Stage("compile", (), (("--quick",),), 50),
+    Stage("escape", (("--quick",),), (("--quick",),), 20),  # a check of the rule on the device; the figures: --trained
+    # training on the device, one seed of the quick setting; the figures: the full run on a CPU
+    Stage("stability", (("--quick",), ("--seeds", "1"), ("--steps", "6")), (("--quick",),), 10),
 )
 TOTAL_BUDGET_S = 480.0
 

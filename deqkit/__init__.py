@@ -14,15 +14,18 @@ from ._backward import AbstractBackward, Implicit, OneStep, Phantom, Unrolled
 from ._options import SolveOptions
 from ._result import BackwardLog, BackwardStats, Result, Solution, SolveError, Stats
 from ._module import DEQ
+from ._monitor import Monitor, SolveRecord, Trend, read_records, solve_trend, summarize_solves
+from ._adaptive import AdaptiveJacobianWeight
 from ._regularization import JacobianReg, jacobian_reg, spectral_radius
 from ._solve import fixed_point
 from ._supervision import fp_correction, fp_weights
-from .solvers import AbstractSolver, Anderson, Broyden, FixedPoint, NewtonKrylov, TorchDEQSolver
+from .solvers import AbstractSolver, Anderson, Broyden, Fallback, FixedPoint, NewtonKrylov, TorchDEQSolver
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AbstractBackward",
+    "AdaptiveJacobianWeight",
     "AbstractSolver",
     "Anderson",
     "BackwardLog",
@@ -30,7 +33,9 @@ __all__ = [
     "Compiled",
     "DEQ",
     "JacobianReg",
+    "Monitor",
     "Broyden",
+    "Fallback",
     "FixedPoint",
     "Implicit",
     "NewtonKrylov",
@@ -40,8 +45,10 @@ __all__ = [
     "Solution",
     "SolveError",
     "SolveOptions",
+    "SolveRecord",
     "Stats",
     "TorchDEQSolver",
+    "Trend",
     "Unrolled",
     "compiled",
     "fixed_point",
@@ -49,6 +56,9 @@ __all__ = [
     "fp_weights",
     "jacobian_reg",
     "nn",
+    "read_records",
+    "solve_trend",
     "solvers",
     "spectral_radius",
+    "summarize_solves",
 ]

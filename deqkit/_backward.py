@@ -29,11 +29,15 @@ from typing import Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
-from ._options import SolveOptions, check_solver
+from . import _checks, _parametrize
+from ._context import Replay, under_functorch
+from ._options import SolveOptions
+from ._problem import Problem
 from ._result import BackwardLog, BackwardStats, Result, worst
-from .solvers._base import check_positive, check_positive_int, check_unit_interval
+from .solvers import Anderson
+from .solvers._base import as_solver, set_fields
 
 Call = Callable[[Tensor], Tensor]
 
@@ -75,56 +79,45 @@ class AbstractBackward(abc.ABC):
         return fz + (g - g.detach())
 
 
-class _ReuseParametrizeCache:
-    """Recompute a checkpointed call with the normalised weights its first pass used.
+class _Recompute:
+    """What a recomputed call re-enters: the solve and rows it ran in (so per-solve state, such
+    as ``deqkit.nn.VariationalDropout``'s mask, is the one the call used) and the normalised
+    weights it read. Reusable and re-entrant, as a checkpoint's recomputation context must be
+    (entered again for a second derivative)."""
 
-    A reusable context manager (checkpointing enters it at every recomputation, twice for a
-    second derivative)."""
-
-    def __init__(self, cache: Optional[dict[Any, Any]]):
-        self.cache = cache
-        self.saved: list[dict[Any, Any]] = []
+    def __init__(self) -> None:
+        self.parts = (Replay(), _parametrize.Reuse(_parametrize.live_cache()))
+        self.stacks: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> None:
-        if self.cache is not None:
-            self.saved.append(parametrize._cache)
-            parametrize._cache = self.cache
-            parametrize._cache_enabled += 1
+        stack = contextlib.ExitStack()
+        for part in self.parts:
+            stack.enter_context(part)
+        self.stacks.append(stack)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.cache is not None:
-            parametrize._cache_enabled -= 1
-            parametrize._cache = self.saved.pop()
-
-
-def _live_parametrize_cache() -> Optional[dict[Any, Any]]:
-    """The dict of parametrised tensors cached by the running ``parametrize.cached()``, if any."""
-    if getattr(parametrize, "_cache_enabled", 0) and isinstance(getattr(parametrize, "_cache", None), dict):
-        return parametrize._cache
-    return None
+        self.stacks.pop().close()
 
 
 def _checkpointed(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``f`` with activation checkpointing on every call after the first, under autograd.
 
-    A solve computes normalised weights (``deqkit.nn.apply_norm``) once, in a
-    ``parametrize.cached()`` scope. The first call runs without checkpointing so that those
-    weights are computed outside every checkpoint; each recomputation in the backward pass then
-    reads the same cached tensors the original call read (same values, same graph, no second
-    power iteration of spectral norm).
+    The recomputation in the backward pass replays the call exactly: torch's checkpoint
+    restores the random number generators' state (CPU and CUDA: ``nn.Dropout`` and
+    ``torch.rand`` draw what they drew), and ``_Recompute`` the solve's own context. The first
+    call runs without checkpointing so that normalised weights are computed outside every
+    checkpoint, once per solve (see ``_parametrize``).
     """
-    from torch.utils.checkpoint import checkpoint
-
     first = [True]
 
     def call(z: Tensor, *inputs: Any) -> Tensor:
         if not torch.is_grad_enabled() or first[0]:
             first[0] = False
             return f(z, *inputs)
-        cache = _live_parametrize_cache()
+        recompute = _Recompute()
         return cast(Tensor, checkpoint(
-            f, z, *inputs, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _ReuseParametrizeCache(cache)),
+            f, z, *inputs, use_reentrant=False, preserve_rng_state=True,
+            context_fn=lambda: (contextlib.nullcontext(), recompute),
         ))
 
     return call
@@ -152,12 +145,11 @@ class Unrolled(AbstractBackward):
     records_forward = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.checkpoint, bool):
-            raise TypeError(f"checkpoint must be True or False, got {self.checkpoint!r}")
+        _checks.boolean("checkpoint", self.checkpoint)
 
     def check(self, solver: Any, options: SolveOptions) -> None:
-        if not getattr(solver, "differentiable", True):
-            why = getattr(solver, "why_not_differentiable", "its iterations are not recorded by autograd")
+        if not solver.differentiable:
+            why = solver.why_not_differentiable
             raise ValueError(
                 f"backward=Unrolled() cannot differentiate through {solver!r}: {why}. Use Implicit(), "
                 "Phantom() or OneStep() with it, or Unrolled() with FixedPoint, Anderson or Broyden."
@@ -199,8 +191,7 @@ class Phantom(AbstractBackward):
     tau: float = 0.5
 
     def __post_init__(self) -> None:
-        check_positive_int("steps", self.steps)
-        check_unit_interval("tau", self.tau)
+        set_fields(self, steps=_checks.integer("steps", self.steps), tau=_checks.unit_interval("tau", self.tau))
 
     def surrogate(self, call: Call, z: Tensor, log: BackwardLog, throw: bool) -> Optional[Tensor]:
         z = z.detach()
@@ -221,7 +212,7 @@ class Implicit(AbstractBackward):
     gets the implicit gradient at its own iterate, as torchdeq gives it.
 
     The adjoint solve's residual, steps and Result are appended to ``stats.backward``; a failed
-    adjoint solve raises (NONFINITE, DIVERGED) or warns (MAX_STEPS) rather than being used
+    adjoint solve raises (ESCAPED, DIVERGED, NONFINITE) or warns (MAX_STEPS) rather than being used
     silently. Second derivatives (``create_graph=True`` through the solve) are refused with an
     error: use ``Unrolled`` where they are needed.
 
@@ -240,9 +231,10 @@ class Implicit(AbstractBackward):
     def __post_init__(self) -> None:
         if self.tol is None:
             raise ValueError("Implicit(tol=None) is not allowed: the adjoint solve needs a tolerance > 0")
-        self.options()  # checks tol, stop_mode and max_steps with the solve's own rules
+        options = self.options()  # checks tol, stop_mode and max_steps with the solve's own rules
+        set_fields(self, tol=options.tol, max_steps=options.max_steps)
         if self.solver is not None:
-            check_solver(self.solver, "Implicit(solver=...)")
+            as_solver(self.solver, "Implicit(solver=...)")
 
     def options(self) -> SolveOptions:
         """The options of the adjoint solve."""
@@ -257,18 +249,16 @@ class Implicit(AbstractBackward):
 
     def adjoint(self, fz: Tensor, z_req: Tensor, grad: Tensor, log: BackwardLog, throw: bool) -> Tensor:
         """Solve ``u = J^T u + grad`` with vector-Jacobian products through ``fz = f(z_req)``."""
-        from ._loop import Problem, run_solver
-        from .solvers import Anderson
-
         def vjp_map(u: Tensor) -> Tensor:
             (ju,) = torch.autograd.grad(fz, z_req, u, retain_graph=True)
             return ju + grad
 
         with torch.no_grad():
-            out = run_solver(self.solver if self.solver is not None else Anderson(m=5), Problem(vjp_map, grad), grad, self.options())
+            solver = as_solver(self.solver if self.solver is not None else _ADJOINT_SOLVER, "Implicit(solver=...)")
+            out = solver.run(Problem(vjp_map, grad), grad, self.options())
         result = worst(out.status)
         log.append(BackwardStats(out.nfev, out.steps, out.residual, result))
-        if result in (Result.NONFINITE, Result.DIVERGED):
+        if result >= Result.ESCAPED:
             if throw:
                 raise RuntimeError(
                     f"the implicit backward (adjoint) solve ended with {result.name}: {result.message}; "
@@ -321,7 +311,26 @@ class _ImplicitAdjoint(torch.autograd.Function):
                 "differentiated, so the result would be wrong. Use backward=Unrolled() (exact through "
                 "the iterations run) where higher-order gradients are needed, e.g. forces -dE/dx in a loss."
             )
+        if under_functorch(grad):
+            raise RuntimeError(
+                "backward=Implicit() cannot run its adjoint solve under vmap: a vectorized Jacobian "
+                "(torch.autograd.functional.jacobian(..., vectorize=True), torch.func.jacrev or vmap over "
+                "torch.autograd.grad) batches the incoming gradients, and the solve's per-sample stopping "
+                "needs concrete residuals. Pass vectorize=False (one adjoint solve per output row), or use "
+                "backward=Unrolled() or Phantom() for vectorized Jacobians."
+            )
         fz, z_req = ctx.graph
         with torch.enable_grad():
             u = ctx.mode.adjoint(fz, z_req, grad.detach(), ctx.log, ctx.throw)
         return u, None, None, None, None
+
+
+_ADJOINT_SOLVER = Anderson(m=5)
+
+
+def check_backward(backward: Any) -> None:
+    """Refuse anything that is not a backward-mode object, naming the fix."""
+    if isinstance(backward, type):
+        raise TypeError(f"backward must be a backward-mode object, not a class: use backward={backward.__name__}()")
+    if not isinstance(backward, AbstractBackward):
+        raise TypeError(f"backward must be a deqkit backward mode (Implicit, Phantom, Unrolled, OneStep), got {backward!r}")

@@ -9,7 +9,6 @@ that torch cannot compile, runs eagerly from then on, after one warning that say
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import warnings
 from typing import Any, Callable, Optional
@@ -17,12 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._options import check_solver
-from .solvers._base import AbstractSolver, work_dtype
-
-# Notices torch's compiler gives while tracing deqkit's own solvers, about things that are
-# correct here: Anderson's cached unit vector (lru_cache, traced through as plain code).
-_TRACE_NOTICES = r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function"
+from ._numerics import work_dtype
+from .solvers._base import AbstractSolver, as_solver
 
 
 class _MapCalled(Exception):
@@ -64,7 +59,7 @@ class _Runtime:
     evict another's, and its cache entries are its compilations.
     """
 
-    def __init__(self, solver: Any, compile_kwargs: dict[str, Any]):
+    def __init__(self, solver: AbstractSolver, compile_kwargs: dict[str, Any]):
         self.solver = solver
         self.why_eager: Optional[str] = None
         self.graphs_seen = -1  # torch's count of graphs compiled (all functions) at the last check
@@ -91,35 +86,25 @@ class _Runtime:
                       RuntimeWarning, stacklevel=4)
 
 
-def _step_of(solver: Any) -> Callable[..., tuple[Tensor, Any]]:
+def _step_of(solver: AbstractSolver) -> Callable[..., tuple[Tensor, Any]]:
     """The step as a function of tensors (and the state's own python values), ``solver`` fixed."""
 
     def step(z: Tensor, fz: Tensor, state: Any, g: Optional[Tensor], norm: Optional[Tensor],
              active: Optional[Tensor]) -> tuple[Tensor, Any]:
-        return solver.step(z, fz, state, _StepView(active, g, norm))  # type: ignore[no-any-return]
+        return solver.step(z, fz, state, _StepView(active, g, norm))
 
     return step
-
-
-@functools.lru_cache(maxsize=64)
-def _shared_runtime(solver: Any, options: tuple[tuple[str, Any], ...]) -> _Runtime:
-    return _Runtime(solver, dict(options))
-
-
-def _runtime(solver: Any, options: tuple[tuple[str, Any], ...]) -> _Runtime:
-    """Equal (solver, options) pairs share one compiled step; an unhashable solver gets its own."""
-    try:
-        return _shared_runtime(solver, options)
-    except TypeError:
-        return _Runtime(solver, dict(options))
 
 
 @dataclasses.dataclass(frozen=True)
 class Compiled(AbstractSolver):
     """A solver whose step runs compiled: what ``deqkit.compiled(solver, **options)`` returns.
 
-    A frozen record like every solver (``solver`` and the ``torch.compile`` options); equal
-    records share their compiled graphs. ``init`` and ``select`` are the solver's own, eager.
+    A frozen record like every solver (``solver`` and the ``torch.compile`` options), which
+    owns its runtime: the compiled step, and whether it has fallen back to eager. Records compare
+    equal by their fields, but each keeps its own runtime (one falling back never switches
+    another); a copy (``copy.deepcopy``, a pickle round trip, ``torch.save`` of a model holding
+    it) is a new record that compiles anew. ``init`` and ``select`` are the solver's own, eager.
     ``compilations`` counts the graphs compiled for the step so far; ``eager`` tells whether it
     has fallen back, and ``why_eager`` why.
     """
@@ -129,17 +114,20 @@ class Compiled(AbstractSolver):
     _rt: _Runtime = dataclasses.field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_rt", _runtime(self.solver, self.options))
+        object.__setattr__(self, "_rt", _Runtime(as_solver(self.solver), dict(self.options)))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # the record, not its compiled runtime
+        return (Compiled, (self.solver, self.options))
 
     @property
     def differentiable(self) -> bool:  # type: ignore[override]
         """The solver's own: whether ``Unrolled`` can differentiate through its steps."""
-        return bool(getattr(self.solver, "differentiable", True))
+        return self._rt.solver.differentiable
 
     @property
-    def why_not_differentiable(self) -> str:
+    def why_not_differentiable(self) -> str:  # type: ignore[override]
         """The solver's own reason, when ``Unrolled`` cannot differentiate through its steps."""
-        return str(getattr(self.solver, "why_not_differentiable", ""))
+        return self._rt.solver.why_not_differentiable
 
     @property
     def eager(self) -> bool:
@@ -157,29 +145,31 @@ class Compiled(AbstractSolver):
         return self._rt.compilations()
 
     def init(self, z: Tensor, fz: Tensor, problem: Any) -> Any:
-        return self.solver.init(z, fz, problem)
+        return self._rt.solver.init(z, fz, problem)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "select" and callable(getattr(self.__dict__.get("solver"), "select", None)):
-            return self.__dict__["solver"].select
-        raise AttributeError(name)
+    def select(self, state: Any, rows: Tensor) -> Any:
+        return self._rt.solver.select(state, rows)
+
+    @property
+    def selects_rows(self) -> bool:
+        """The solver's own: whether the active set can compact its state."""
+        return self._rt.solver.selects_rows
 
     def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         rt = self._rt
         if rt.why_eager is not None or torch.compiler.is_compiling():
-            return self.solver.step(z, fz, state, problem)  # type: ignore[no-any-return]
-        residual = getattr(problem, "residual", None)
-        g, norm = residual(z, fz) if callable(residual) else (None, None)
+            return self._rt.solver.step(z, fz, state, problem)
+        g, norm = problem.residual(z, fz)
         graph = torch.is_grad_enabled() and _records(z, fz, state)
         try:
             with warnings.catch_warnings():
                 _quiet_compiler()
                 if graph:  # the backward compiled now, inside these filters, not at the first backward
                     with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-                        out = rt.fn(z, fz, state, g, norm, getattr(problem, "active", None))
+                        out = rt.fn(z, fz, state, g, norm, problem.active)
                     out = (_FirstOrderOnly.apply(out[0], self), out[1])  # type: ignore[no-untyped-call]
                 else:
-                    out = rt.fn(z, fz, state, g, norm, getattr(problem, "active", None))
+                    out = rt.fn(z, fz, state, g, norm, problem.active)
         except _MapCalled as err:
             rt.fall_back(str(err))
         except torch._dynamo.exc.TorchDynamoException as err:
@@ -201,7 +191,7 @@ class Compiled(AbstractSolver):
                              "or python value in the state it specialises on compiles it anew (pass dynamic=True "
                              "to deqkit.compiled for symbolic shapes and ints)")
             return out
-        return self.solver.step(z, fz, state, problem)  # type: ignore[no-any-return]
+        return self._rt.solver.step(z, fz, state, problem)
 
 
 def _records(z: Tensor, fz: Tensor, state: Any) -> bool:
@@ -220,7 +210,6 @@ def _quiet_compiler() -> None:
     would fail every compilation. Warnings from code outside torch still reach the caller.
     """
     warnings.filterwarnings("ignore", module=r"torch(\.|$)")
-    warnings.filterwarnings("ignore", message=_TRACE_NOTICES)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -318,8 +307,7 @@ def compiled(solver: Any, **compile_kwargs: Any) -> Compiled:
         >>> torch.allclose(sol.value, plain.value), solver.compilations > 0, solver.eager
         (True, True, False)
     """
-    check_solver(solver)
-    if callable(getattr(solver, "run", None)):
+    if as_solver(solver).own_loop:
         raise ValueError(f"deqkit.compiled cannot compile {solver!r}: it runs a loop of its own (a run() hook), not steps")
     if isinstance(solver, Compiled):
         raise ValueError(f"{solver!r} is compiled already")

@@ -8,6 +8,9 @@ from typing import Callable, Iterator, NamedTuple, Optional, cast
 import torch
 from torch import Tensor
 
+from . import _checks
+from ._numerics import arnoldi_step
+
 
 class JacobianReg(NamedTuple):
     per_sample: Tensor  # (B,) estimate of ||J_f(z_i)||_F^2 / dim
@@ -90,8 +93,7 @@ def jacobian_reg(
         True
     """
     _check_batch("z", z)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    n_samples = _checks.integer("n_samples", n_samples)
     with torch.enable_grad():
         if not z.requires_grad:
             z = z.detach().requires_grad_(True)
@@ -133,8 +135,7 @@ def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iters: int = 20,
         True
     """
     _check_batch("z", z)
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"n_iters must be an integer >= 1, got {n_iters!r}")
+    n_iters = _checks.integer("n_iters", n_iters)
     b = z.shape[0]
     dt = torch.promote_types(z.dtype, torch.float32)
     gen = torch.Generator(device=z.device).manual_seed(seed) if seed is not None else None
@@ -150,11 +151,7 @@ def spectral_radius(f: Callable[[Tensor], Tensor], z: Tensor, n_iters: int = 20,
         for j in range(n):
             w = _vjp("spectral_radius", fz, zr, basis[j].reshape(z.shape).to(z.dtype), retain_graph=j < n - 1)
             w = w.detach().reshape(b, -1).to(dt)  # J^T v: same spectrum as J
-            for i, q in enumerate(basis):
-                hij = (w * q).sum(dim=1)
-                h[:, i, j] = hij
-                w = w - hij.unsqueeze(1) * q
-            norm = torch.linalg.vector_norm(w, dim=1)
+            w, h[:, : j + 1, j], norm = arnoldi_step(w, basis)
             h[:, j + 1, j] = norm
             basis.append(w / norm.clamp_min(torch.finfo(dt).tiny).unsqueeze(1))
     ritz = torch.linalg.eigvals(h[:, :n, :n])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -13,16 +13,21 @@ from torch import Tensor
 class Result(enum.IntEnum):
     """How a solve ended. Per sample in ``Stats.status``; the worst one in ``Solution.result``.
 
-    The order is the severity: ``Solution.result`` is the largest code over the batch.
+    The order is the severity: ``Solution.result`` is the largest code over the batch. Compare
+    with the members, not with their numbers (ESCAPED took the place of 2 in deqkit 0.2).
     """
 
     SUCCESS = 0
     """The residual fell to ``tol`` or below."""
     MAX_STEPS = 1
     """``max_steps`` iterations ran without reaching ``tol``; the best iterate is returned."""
-    DIVERGED = 2
+    ESCAPED = 2
+    """The relative residual met ``tol`` only because ``||f(z)||`` grew: the absolute residual
+    did not fall while the iterate ran away (``escape``). The map has no fixed point within
+    reach; the iterate where the test passed is returned."""
+    DIVERGED = 3
     """The absolute residual grew past ``divergence`` times its first value; iteration stopped."""
-    NONFINITE = 3
+    NONFINITE = 4
     """``f`` returned NaN or Inf; the best finite iterate is returned."""
 
     @property
@@ -39,6 +44,11 @@ class Result(enum.IntEnum):
 _MESSAGES = {
     Result.SUCCESS: "the residual reached the tolerance",
     Result.MAX_STEPS: "max_steps was reached before the residual fell to the tolerance",
+    Result.ESCAPED: (
+        "the relative residual met the tolerance only because ||f(z)|| grew while ||f(z) - z|| did not fall: "
+        "the iterate ran away and the map has no fixed point within reach (bound the map, e.g. end it with a "
+        "normalisation, or use stop_mode='abs')"
+    ),
     Result.DIVERGED: "the absolute residual ||f(z) - z|| grew past `divergence` times its first value",
     Result.NONFINITE: "f returned a non-finite value (NaN or Inf)",
 }
@@ -50,6 +60,9 @@ class SolveError(RuntimeError):
     def __init__(self, message: str, solution: "Solution"):
         super().__init__(message)
         self.solution = solution
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickling (process pools, DataLoader workers) keeps both
+        return (type(self), (str(self), self.solution), self.__dict__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +118,17 @@ class Stats:
     """Rows of the batch passed through ``f`` in all (with ``active_set`` this is what shrinks)."""
     backward: BackwardLog = dataclasses.field(default_factory=BackwardLog, compare=False)
     """``BackwardStats`` of each implicit backward pass through this solve (see ``BackwardLog``)."""
+    finished_by: Optional[Tensor] = None
+    """LongTensor[B]: which solver of a ``Fallback`` chain (its index; 0 is the first) gave each
+    sample its answer; all zeros for a single solver."""
+    nfev_by_solver: tuple[int, ...] = ()
+    """Calls of ``f`` by each solver of a ``Fallback`` chain in the forward loop (one entry for
+    a single solver); ``nfev`` adds the backward mode's calls after the loop."""
+
+    @property
+    def escaped(self) -> Tensor:
+        """BoolTensor[B]: the samples that ended ESCAPED (see ``Result.ESCAPED``)."""
+        return self.status == Result.ESCAPED
 
     @property
     def batch_size(self) -> int:
@@ -117,7 +141,8 @@ class Stats:
             f"Stats(batch_size={self.batch_size}, nfev={self.nfev}, steps={int(self.steps.min())}..{int(self.steps.max())}, "
             f"residual={float(res.min()):.3g}..{float(res.max()):.3g} ({self.stop_mode}, tol={self.tol}), "
             f"converged={int(self.converged.sum())}/{self.batch_size}, sample_evals={self.sample_evals}, "
-            f"backward_passes={len(self.backward)})"
+            f"backward_passes={len(self.backward)}"
+            + (f", nfev_by_solver={self.nfev_by_solver})" if len(self.nfev_by_solver) > 1 else ")")
         )
 
 

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parametrize
 
-from ._context import solve_scope
-from ._backward import AbstractBackward, Implicit
-from ._loop import Problem, run_solver
-from ._options import SolveOptions, check_backward, check_solver
+from . import _parametrize
+from ._backward import AbstractBackward, Implicit, check_backward
+from ._context import HOST_SIDE, mark_host_side, solve_scope, under_functorch
+from ._ledger import LoopOutput
+from ._options import SolveOptions, options_from
+from ._problem import Problem
 from ._result import BackwardLog, Result, Solution, SolveError, Stats, describe_failure, worst
 from .solvers import Anderson
+from .solvers._base import AbstractSolver, as_solver
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._options import OptionOverrides
+
+DEFAULT_SOLVER = Anderson()  # immutable records, shared by every call that takes the defaults
+DEFAULT_BACKWARD = Implicit()
 
 
-_DEFAULT_SOLVER = Anderson()  # immutable records, shared by every call that takes the defaults
-_DEFAULT_BACKWARD = Implicit()
-
-
-def _check_start(z0: Any) -> None:
+def check_start(z0: Any) -> None:
     if not isinstance(z0, Tensor):
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
-    if _under_functorch(z0):
+    if under_functorch(z0):
         raise RuntimeError(
             "fixed_point cannot run inside torch.func transforms (vmap, grad, jacrev, ...): its per-sample "
             "stopping needs concrete residuals. The batch dimension already vectorises the solve: pass "
@@ -44,37 +50,15 @@ def _refuse_a_non_finite_start(z0: Tensor, status: Tensor) -> None:
         raise ValueError("z0 contains NaN or Inf; start the solve from a finite tensor")
 
 
-def _under_functorch(z: Tensor) -> bool:
-    """True when ``z`` is a torch.func wrapper (vmap's batched or grad's wrapped tensor).
-    False while torch.compile traces (it cannot trace the check, and a traced solve is not
-    under a torch.func transform)."""
-    if torch.compiler.is_compiling():
-        return False
-    functorch = getattr(torch._C, "_functorch", None)
-    if functorch is None:
-        return False
-    try:
-        return functorch.maybe_current_level() is not None or functorch.is_batchedtensor(z) or functorch.is_gradtrackingtensor(z)
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def fixed_point(
     f: Callable[..., Tensor],
     z0: Tensor,
     *,
     inputs: Sequence[Any] = (),
     solver: Any = None,
-    backward: AbstractBackward | None = None,
-    tol: float | None = 1e-4,
-    stop_mode: str = "rel",
-    max_steps: int = 50,
-    active_set: bool = False,
-    divergence: float | None = 1e4,
-    trajectory: int = 0,
-    check_every: int = 1,
-    throw: bool = True,
-    throw_on_max_steps: bool = False,
+    backward: Optional[AbstractBackward] = None,
+    options: Optional[SolveOptions] = None,
+    **overrides: "Unpack[OptionOverrides]",
 ) -> Solution:
     """Solve ``z = f(z, *inputs)`` per sample, starting from ``z0``, and return a ``Solution``.
 
@@ -94,25 +78,33 @@ def fixed_point(
             solver with its own loop through the ``run`` hook (``TorchDEQSolver``).
         backward: how to differentiate (default ``Implicit()``); it decides the gradient of
             ``Solution.value`` and of every tensor in ``Solution.trajectory``, never their values.
-        tol: the tolerance on each sample's residual, a finite number > 0; or ``None`` for a
+        options: a ``SolveOptions`` record (default ``SolveOptions()``); the keyword arguments
+            below replace its fields for this call.
+
+    Keyword Args:
+        tol (float | None): the tolerance on each sample's residual, a finite number > 0; or ``None`` for a
             fixed number of iterations: exactly ``max_steps`` for every sample, no stopping
             test, the last iterate's image returned.
-        stop_mode: "rel" (``||f(z) - z|| / ||f(z)||``) or "abs" (``||f(z) - z||``).
-        max_steps: the iteration budget (calls of f) per solve, >= 1.
-        active_set: call f only on the samples still iterating. Only for maps without
+        stop_mode (str): "rel" (``||f(z) - z|| / ||f(z)||``) or "abs" (``||f(z) - z||``).
+        max_steps (int): the iteration budget (calls of f) per solve, >= 1.
+        active_set (bool): call f only on the samples still iterating. Only for maps without
             cross-sample coupling (no batch norm).
-        divergence: a sample whose absolute residual ``||f(z) - z||`` grows past this factor
+        divergence (float | None): a sample whose absolute residual ``||f(z) - z||`` grows past this factor
             times its first value stops with DIVERGED (None: never), whatever ``stop_mode``.
-        trajectory: keep the images ``f(z_k)`` of the last ``trajectory`` iterates in
+        trajectory (int): keep the images ``f(z_k)`` of the last ``trajectory`` iterates in
             ``Solution.trajectory`` (oldest first), each with the backward mode's gradient at
             its own iterate (deep supervision / fixed-point correction).
-        check_every: test convergence every this many iterations (default every one). Each
+        check_every (int): test convergence every this many iterations (default every one). Each
             test is one wait for the device (the residual norms go to the host); on a GPU a
             larger value lets it run ahead, at up to ``check_every - 1`` extra iterations.
-        throw: raise ``SolveError`` on NONFINITE or DIVERGED (else return the code).
-        throw_on_max_steps: also raise when a sample ends with MAX_STEPS.
+        escape (float | None): with stop_mode "rel", a sample whose relative test passes only
+            because ``||f(z)||`` grew past this factor times its first value (its absolute
+            residual not below half its largest) ends ESCAPED, not SUCCESS (None: never).
+        throw (bool): raise ``SolveError`` on ESCAPED, DIVERGED or NONFINITE (else return the code).
+        throw_on_max_steps (bool): also raise when a sample ends with MAX_STEPS.
 
-    The value depends only on (f, z0, inputs, solver, options): never on grad mode, on
+    Numbers may be Python or numpy scalars. The value depends only on (f, z0, inputs, solver,
+    options): never on grad mode (``torch.no_grad()``, ``torch.inference_mode()``), on
     ``train()``/``eval()`` or on the backward mode.
 
     Example:
@@ -123,67 +115,45 @@ def fixed_point(
         >>> sol.result.name, sol.value.shape, bool(sol.stats.converged.all())
         ('SUCCESS', torch.Size([8, 4]), True)
     """
-    solver = _DEFAULT_SOLVER if solver is None else solver
-    backward = _DEFAULT_BACKWARD if backward is None else backward
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
-    _check_start(z0)
-    check_solver(solver)
-    check_backward(backward)
+    check_start(z0)
     if isinstance(inputs, Tensor) or not isinstance(inputs, (tuple, list)):
         raise TypeError(f"inputs must be a tuple of f's extra arguments, e.g. inputs=(x,), got {type(inputs).__name__}")
-    options = SolveOptions(
-        tol=tol, stop_mode=stop_mode, max_steps=max_steps, active_set=active_set, divergence=divergence,
-        trajectory=trajectory, check_every=check_every, throw=throw, throw_on_max_steps=throw_on_max_steps,
-    )
-    return solve(f, z0, tuple(inputs), solver, backward, options)
+    return solve(f, z0, tuple(inputs), solver, backward, options_from(options, dict(overrides)))
 
 
-def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver: Any, backward: AbstractBackward,
+def solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver: Any, backward: Any,
           options: SolveOptions) -> Solution:
-    """``fixed_point`` with its options as one checked ``SolveOptions`` record (used by ``DEQ``)."""
+    """``fixed_point`` with its options as one checked ``SolveOptions`` record (used by ``DEQ``);
+    ``solver``/``backward`` None take the defaults."""
+    if HOST_SIDE:  # checked here, not in the call: a compiled model would break its graph at the call
+        mark_host_side()
+    solver = as_solver(DEFAULT_SOLVER if solver is None else solver)
+    backward = DEFAULT_BACKWARD if backward is None else backward
+    check_backward(backward)
     backward.check(solver, options)
     with solve_scope(z0.shape[0]):
         return _solve(f, z0, inputs, solver, backward, options)
 
 
-def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver: Any, backward: AbstractBackward, options: SolveOptions) -> Solution:
+def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver: AbstractSolver,
+           backward: AbstractBackward, options: SolveOptions) -> Solution:
     record = backward.records_forward and torch.is_grad_enabled()
     attach = torch.is_grad_enabled() and not record
-    problem = Problem(f, z0, inputs, active_set=options.active_set, wrap=backward.wrap if record else None,
-                      first_call_with_grad=attach)
+    call = backward.wrap(f) if record else _parametrize.fill_with_graph(f) if attach else f
+    problem = Problem(f, z0, inputs, active_set=options.active_set, call=call)
     log = BackwardLog()
 
-    # Parametrised weights (deqkit.nn.apply_norm) are computed once per solve, not once per
-    # iteration: the forward loop and the backward mode's calls share one cache, so the gradient
-    # is that of the very weights that made the value (spectral norm's power iteration runs once).
-    # The first call fills the cache with autograd on, so the cached weights carry their graph.
-    with parametrize.cached():
+    with _parametrize.solve_cache():
         with contextlib.nullcontext() if record else torch.no_grad():
-            out = run_solver(solver, problem, z0 if record else z0.detach(), options)
+            out = solver.run(problem, z0 if record else z0.detach(), options)
         _refuse_a_non_finite_start(z0, out.status)
-        value = out.best_fz
-        kept = tuple(fz for _, fz in out.trajectory)
+        value, kept = out.best_fz, tuple(fz for _, fz in out.trajectory)
         nfev, sample_evals = out.nfev, out.sample_evals
         if attach:
-            # The mode attaches its gradient to the value and to every kept iterate, each at
-            # its own point; values stay the forward's, bit for bit.
             graph_problem = Problem(f, z0, inputs)  # whole-batch calls for the graph
-            # (iterate, attached) pairs compared by identity: the value is often also the last
-            # kept iterate, and gets one graph (a list, not a dict keyed by id(), which
-            # torch.compile would recompile for at every call)
-            attached: list[tuple[Tensor, Tensor]] = []
-
-            def attach_to(z: Tensor, fz: Tensor) -> Tensor:
-                for seen, out in attached:
-                    if seen is fz:
-                        return out
-                out = backward.attach(graph_problem.f, z, fz, log, options.throw)
-                attached.append((fz, out))
-                return out
-
-            value = attach_to(out.best_z, out.best_fz)
-            kept = tuple(attach_to(z, fz) for z, fz in out.trajectory)
+            value, kept = _attach(backward, graph_problem, out, log, options.throw)
             nfev += graph_problem.nfev
             sample_evals += graph_problem.sample_evals
 
@@ -196,12 +166,34 @@ def _solve(f: Callable[..., Tensor], z0: Tensor, inputs: tuple[Any, ...], solver
         status=status.detach(),
         trace=out.trace,
         stop_mode=options.stop_mode,
-        tol=None if options.tol is None else float(options.tol),
+        tol=options.tol,
         sample_evals=sample_evals,
         backward=log,
+        finished_by=torch.zeros_like(status) if out.finished_by is None else out.finished_by,
+        nfev_by_solver=out.nfev_by_solver or (out.nfev,),
     )
     solution = Solution(value=value, result=worst(status), stats=stats, trajectory=kept)
-    failed = solution.result >= Result.DIVERGED or (options.throw_on_max_steps and solution.result == Result.MAX_STEPS)
+    failed = solution.result >= Result.ESCAPED or (options.throw_on_max_steps and solution.result == Result.MAX_STEPS)
     if options.throw and failed:
         raise SolveError(describe_failure(status, out.residual, options.tol, options.stop_mode), solution)
     return solution
+
+
+def _attach(backward: AbstractBackward, problem: Problem, out: LoopOutput, log: BackwardLog,
+            throw: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The value and every kept iterate with the mode's gradient, each at its own point; values
+    stay the forward's, bit for bit. The value is often also the last kept iterate and gets one
+    graph: (iterate, attached) pairs are compared by identity (a list, not a dict keyed by
+    id(), which torch.compile would recompile for at every call)."""
+    attached: list[tuple[Tensor, Tensor]] = []
+
+    def attach_to(z: Tensor, fz: Tensor) -> Tensor:
+        for seen, result in attached:
+            if seen is fz:
+                return result
+        result = backward.attach(problem.f, z, fz, log, throw)
+        attached.append((fz, result))
+        return result
+
+    value = attach_to(out.best_z, out.best_fz)
+    return value, tuple(attach_to(z, fz) for z, fz in out.trajectory)

@@ -8,13 +8,14 @@ no reset between solves. ``fixed_point`` and ``DEQ`` evaluate parametrisations o
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, cast
+from typing import Iterable, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from ._context import SolveToken, current_rows, current_solve
+from . import _checks
+from ._context import current_rows, current_solve
 
 _DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _KINDS = ("weight", "spectral")
@@ -91,8 +92,11 @@ class VariationalDropout(nn.Module):
 
     Ordinary dropout draws a new mask at every call of f, so the map changes from one
     iteration to the next and has no fixed point. Inside ``fixed_point`` (or ``DEQ``) this
-    module draws one mask per solve; with ``active_set=True`` it uses the rows of that mask
-    that belong to the samples being evaluated. Outside a solve it acts as plain dropout.
+    module draws one mask per solve and keeps it with the solve (not on the module), so every
+    call of f in that solve uses it: the backward mode's calls after the loop and a
+    recomputation in the backward pass (``Unrolled(checkpoint=True)``) included, whatever other
+    solves ran in between. With ``active_set=True`` it uses the rows of that mask that belong
+    to the samples being evaluated. Outside a solve it acts as plain dropout.
 
     Args:
         p: drop probability in [0, 1).
@@ -110,14 +114,15 @@ class VariationalDropout(nn.Module):
 
     def __init__(self, p: float = 0.1, shared_dims: tuple[int, ...] = ()):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        if not _checks.is_number(p) or not 0 <= p < 1:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
         self.p = float(p)
         self.shared_dims = tuple(shared_dims)
+        if not all(_checks.is_integer(d) for d in self.shared_dims):
+            raise TypeError(f"shared_dims must be a tuple of dims (ints), got {shared_dims!r}")
         if 0 in self.shared_dims:
             raise ValueError("shared_dims cannot include the batch dim 0")
-        self._mask: Optional[Tensor] = None
-        self._token: Optional[SolveToken] = None
+        self.shared_dims = tuple(int(d) for d in self.shared_dims)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared_dims={self.shared_dims}"
@@ -136,9 +141,8 @@ class VariationalDropout(nn.Module):
         if token is None:
             return x * self._new_mask(x, x.shape[0])
         rows = current_rows()
-        if self._token is not token or self._mask is None:
-            self._token, self._mask = token, self._new_mask(x, token.batch_size)
-        mask = self._mask if rows is None else self._mask.index_select(0, rows)
+        whole = token.state(self, lambda: self._new_mask(x, token.batch_size))
+        mask = whole if rows is None else whole.index_select(0, rows)
         if mask.shape[0] != x.shape[0]:
             raise ValueError(
                 f"VariationalDropout got a batch of {x.shape[0]} inside a solve of batch {token.batch_size}"

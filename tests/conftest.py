@@ -47,7 +47,7 @@ PER_SAMPLE_SOLVERS = [
 # The GET example's tests: a small pair set from a tiny teacher trained for one step.
 def make_tiny_pairs(root, num: int, heun_steps: int = 4):
     """``num`` class-conditional 8x8 pairs in root/pairs (the teacher in root/teacher)."""
-    from examples.get_distillation import common, pairs, teacher
+    from examples.get_distillation import fileio, pairs, teacher
 
     torch.manual_seed(0)
     cfg = teacher.TeacherConfig(out=str(root / "teacher"), preset="tiny", steps=1, batch=8, sample_every=0)
@@ -55,7 +55,7 @@ def make_tiny_pairs(root, num: int, heun_steps: int = 4):
     ckpt = root / "teacher" / "checkpoint.pt"
     denoiser, info = teacher.load_teacher(ckpt)
     pairs.generate_pairs(denoiser, root / "pairs", num, shard_size=32, batch_size=32, image_shape=(1, 8, 8),
-                         num_classes=info["num_classes"], num_steps=heun_steps, teacher_hash=common.sha256_file(ckpt),
+                         num_classes=info["num_classes"], num_steps=heun_steps, teacher_hash=fileio.sha256_file(ckpt),
                          progress=False)
     return root / "pairs"
 
@@ -64,3 +64,32 @@ def make_tiny_pairs(root, num: int, heun_steps: int = 4):
 def tiny_pairs():
     """make_tiny_pairs(root, num, heun_steps=4) -> the pair folder."""
     return make_tiny_pairs
+
+
+@pytest.fixture
+def hold_lock():
+    """hold_lock(folder) -> a live process (Popen) holding the folder's lock until the test ends
+    (or until the test kills it: the kernel then releases the lock, as after a crash)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+
+    def start(folder):
+        code = ("import sys; from examples.get_distillation import locks; locks.acquire(sys.argv[1]); "
+                "print('locked', flush=True); sys.stdin.read()")  # holds until its stdin closes
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=root, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()

@@ -2,8 +2,8 @@
 
 For each (solver, backward mode, norm) and each (trajectory, active set, dtype):
 
-(a) the value and the trajectory are identical with autograd on, under ``torch.no_grad()``
-    and with the module in ``eval()``;
+(a) the value and the trajectory are identical with autograd on, under ``torch.no_grad()``,
+    under ``torch.inference_mode()`` and with the module in ``eval()``;
 (b) where the mode promises a gradient, every parameter that influences the output gets one
     (from ``Solution.value`` and from the first tensor of ``Solution.trajectory``), and in
     float64 it equals the mode's reference: the analytic implicit gradient of the affine map
@@ -48,6 +48,7 @@ BACKWARDS = {  # built for a dtype: the adjoint tolerance is what the dtype can 
     "one_step": lambda dtype=torch.float64: deqkit.OneStep(),
 }
 NORMS = ("none", "weight", "spectral")
+GRAD_MODES = (torch.enable_grad, torch.no_grad, torch.inference_mode)
 
 
 class AffineCell(torch.nn.Module):
@@ -150,8 +151,8 @@ def test_combination(solver_name, backward_name, norm):
         # (c) refused combinations raise at call time, in every grad mode
         match = refusal(solver_name, backward_name, active_set)
         if match is not None:
-            for grad in (True, False):
-                with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=match):
+            for mode in GRAD_MODES:
+                with mode(), pytest.raises(ValueError, match=match):
                     solve(cell, x, solver_name, backward_name, opts)
             continue
 
@@ -163,6 +164,11 @@ def test_combination(solver_name, backward_name, norm):
             plain = solve(cell, x, solver_name, backward_name, opts)
         assert same_values(live, plain), f"value depends on grad mode: {case}"
         assert live.result == plain.result and torch.equal(live.stats.steps, plain.stats.steps), case
+        restore(cell, state)
+        with torch.inference_mode():
+            served = solve(cell, x, solver_name, backward_name, opts)
+        assert same_values(served, plain), f"value differs under inference_mode: {case}"
+        assert served.result == plain.result and torch.equal(served.stats.steps, plain.stats.steps), case
         cell.eval()
         evaluated = solve(cell, x, solver_name, backward_name, opts)
         with torch.no_grad():
@@ -232,5 +238,7 @@ def test_values_never_depend_on_grad_mode(solver_name, backward_name, batch, dim
         live = deqkit.fixed_point(f, torch.zeros(batch, dim, dtype=torch.float64), **kw)
         with torch.no_grad():
             plain = deqkit.fixed_point(f, torch.zeros(batch, dim, dtype=torch.float64), **kw)
-    assert same_values(live, plain)
+        with torch.inference_mode():
+            served = deqkit.fixed_point(f, torch.zeros(batch, dim, dtype=torch.float64), **kw)
+    assert same_values(live, plain) and same_values(served, plain)
     assert live.value.requires_grad and all(t.requires_grad for t in live.trajectory)

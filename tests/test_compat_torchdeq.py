@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import deqkit
+from deqkit import Result
 import deqkit.compat.torchdeq as compat
 from deqkit.compat.torchdeq import utils as compat_utils
 from deqkit.compat.torchdeq import TorchDEQCompatWarning
@@ -365,9 +366,9 @@ def test_record_status_rules():
                                          divergence=100.0)
         fixed, _, _ = run_torchdeq_style(fp, lambda z: rates[:2] * z, z0[:2], max_iter=4, tol=0.0, stop_mode="rel",
                                          fixed=True, keep=2)
-    assert out.status.tolist() == [0, 1, 3] and out.nfev == 12  # SUCCESS, MAX_STEPS, NONFINITE
+    assert out.status.tolist() == [Result.SUCCESS, Result.MAX_STEPS, Result.NONFINITE] and out.nfev == 12
     assert out.steps.tolist() == [5, 12, 12] and out.trace.shape == (3, 12)
-    assert grown.status.tolist() == [0, 1, 2]  # DIVERGED: grew past 100 times its first residual
+    assert grown.status.tolist() == [Result.SUCCESS, Result.MAX_STEPS, Result.DIVERGED]  # DIVERGED: grew past 100 times its first residual
     assert fixed.status.tolist() == [0, 0] and fixed.steps.tolist() == [4, 4] and len(fixed.trajectory) == 2
     assert torch.equal(fixed.trajectory[-1][1], fixed.best_fz)
     calls = []
@@ -389,7 +390,7 @@ def test_record_status_rules():
 
     with torch.no_grad():
         seen, _, _ = run_torchdeq_style(forgetful, torch.zeros_like, z0[:1], max_iter=3, tol=1e-3, stop_mode="abs")
-    assert seen.status.tolist() == [3] and seen.nfev == 2  # NONFINITE: a call's residual was NaN
+    assert seen.status.tolist() == [Result.NONFINITE] and seen.nfev == 2  # NONFINITE: a call's residual was NaN
 
 
 # -- norms: torchdeq's names, numbers and writes ----------------------------------------------

@@ -234,8 +234,8 @@ def test_large_but_finite_residuals_are_measured_not_overflowed():
     sol = deqkit.fixed_point(lambda z: 0.5 * z + 3e30, z0, solver=deqkit.FixedPoint(), tol=1e-6, max_steps=200, stop_mode="rel")
     assert sol.success
     torch.testing.assert_close(sol.value, torch.full((1, 4), 6e30), rtol=1e-5, atol=0)
-    assert math.isfinite(float(deqkit._loop.scaled_norm(torch.full((1, 4), 3e38)).item()))
-    assert math.isnan(float(deqkit._loop.scaled_norm(torch.tensor([[1.0, float("inf")]])).item()))
+    assert math.isfinite(float(deqkit._numerics.scaled_norm(torch.full((1, 4), 3e38)).item()))
+    assert math.isnan(float(deqkit._numerics.scaled_norm(torch.tensor([[1.0, float("inf")]])).item()))
 
 
 # -- 7. second derivatives: exact or refused ------------------------------------------------------
@@ -371,7 +371,7 @@ def test_zero_steps_is_refused_with_the_spelling_of_gets_recipe():
 
 def test_result_prints_its_name():
     assert str(deqkit.Result.SUCCESS) == "SUCCESS" and f"{deqkit.Result.MAX_STEPS}" == "MAX_STEPS"
-    assert f"{deqkit.Result.NONFINITE:>10}" == " NONFINITE" and f"{deqkit.Result.DIVERGED:d}" == "2"
+    assert f"{deqkit.Result.NONFINITE:>10}" == " NONFINITE" and f"{deqkit.Result.DIVERGED:d}" == "3" and f"{deqkit.Result.ESCAPED:d}" == "2"
 
 
 def test_torch_func_transforms_are_refused_clearly():
@@ -426,15 +426,20 @@ def test_stats_print_a_summary():
 
 # -- gaps found by mutation testing -------------------------------------------------------------
 
-def test_solve_options_defaults_are_fixed_points_defaults():
+def test_solve_options_are_declared_once():
+    # fixed_point and DEQ take SolveOptions' fields as keyword overrides: one declaration, so
+    # the defaults cannot drift; the typed overrides list exactly the fields
     import dataclasses
-    import inspect
+    import typing
 
-    defaults = {n: p.default for n, p in inspect.signature(deqkit.fixed_point).parameters.items()}
-    for field in dataclasses.fields(deqkit.SolveOptions):
-        assert getattr(deqkit.SolveOptions(), field.name) == defaults[field.name], field.name
-    deq = deqkit.DEQ(lambda z, x: 0.5 * z + x)
-    assert deq.options == dataclasses.replace(deqkit.SolveOptions(), throw_on_max_steps=False)
+    from deqkit._options import OptionOverrides
+
+    fields = [f.name for f in dataclasses.fields(deqkit.SolveOptions)]
+    assert list(typing.get_type_hints(OptionOverrides)) == fields
+    sol = deqkit.fixed_point(lambda z: 0.5 * z, torch.ones(2, 2))
+    assert sol.stats.tol == deqkit.SolveOptions().tol and sol.stats.stop_mode == deqkit.SolveOptions().stop_mode
+    assert deqkit.DEQ(lambda z, x: 0.5 * z + x).options == deqkit.SolveOptions()
+    assert deqkit.DEQ(lambda z, x: 0.5 * z + x, throw_on_max_steps=True).options.throw_on_max_steps
 
 
 @pytest.mark.parametrize("obj", [deqkit.FixedPoint(), deqkit.Anderson(), deqkit.Broyden(), deqkit.NewtonKrylov(),

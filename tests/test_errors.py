@@ -164,7 +164,7 @@ def test_anderson_bad_beta(beta):
 
 @pytest.mark.parametrize("lam", [-1e-4, float("nan"), "0"])
 def test_anderson_bad_lam(lam):
-    with pytest.raises(ValueError, match="lam must be a number >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         deqkit.Anderson(lam=lam)
 
 
@@ -191,8 +191,8 @@ def test_broyden_bad_memory(memory):
     [
         (dict(krylov_dim=0), "krylov_dim must be an integer >= 1, got 0"),
         (dict(krylov_dim=2.0), "krylov_dim must be an integer >= 1"),
-        (dict(krylov_rtol=0), "krylov_rtol must be a number > 0"),
-        (dict(krylov_rtol=-1e-3), "krylov_rtol must be a number > 0"),
+        (dict(krylov_rtol=0), "krylov_rtol must be a finite number > 0"),
+        (dict(krylov_rtol=-1e-3), "krylov_rtol must be a finite number > 0"),
         (dict(damping=0), r"damping must be a number in \(0, 1\]"),
         (dict(damping=1.5), r"damping must be a number in \(0, 1\]"),
     ],

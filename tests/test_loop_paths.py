@@ -248,15 +248,18 @@ def test_the_active_set_adds_no_synchronisation():
 def test_anderson_takes_a_plain_step_and_restarts_when_its_least_squares_overflows():
     # sample 0's stored residuals are ~1e20 (float32): g g^T overflows and the solve gives NaN;
     # sample 1 is ordinary. The step falls back to f(z) for sample 0 and forgets its memory.
+    from deqkit._problem import Problem
+
     solver = deqkit.Anderson(m=3)
     z = torch.zeros(2, 4)
-    state = solver.init(z, z, None)
+    problem = Problem(lambda z: z, z)  # computes the residual itself (the loop has none to share)
+    state = solver.init(z, z, problem)
     big = torch.tensor([[1e20] * 4, [1.0] * 4])
     for k in range(2):  # two stored residuals
         fz = z + big / (k + 1)
-        z, state = solver.step(z, fz, state, None)
+        z, state = solver.step(z, fz, state, problem)
     fz = z + big / 3
-    z_next, state = solver.step(z, fz, state, None)
+    z_next, state = solver.step(z, fz, state, problem)
     assert torch.isfinite(z_next).all()
     assert torch.equal(z_next[0], fz[0])  # the plain step
     slot = 2  # the third step writes slot 2

@@ -337,3 +337,80 @@ def test_spectral_norm_deq_trains_copies_moves_and_unwraps(tmp_path):
     assert isinstance(model.cell.lin.weight, nn.Parameter)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+# -- the layer's own solver, backward mode and start (mutation-test gaps) ------------------------
+
+
+class _Recorder(deqkit.AbstractSolver):
+    """FixedPoint that counts its steps on a list it shares (not part of its record)."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def step(self, z, fz, state, problem):
+        self.seen.append("step")
+        return fz, state
+
+
+def test_the_layer_solves_with_its_own_solver_and_backward_mode():
+    seen = []
+    x = torch.randn(2, 3, requires_grad=True)
+    deq = deqkit.DEQ(lambda z, x: 0.5 * torch.tanh(z) + x, solver=_Recorder(seen), backward=deqkit.OneStep(), tol=1e-6)
+    sol = deq(x)
+    assert sol.success and seen  # its solver stepped
+    sol.value.sum().backward()
+    assert len(sol.stats.backward) == 0  # OneStep: no adjoint solve (the default Implicit would log one)
+    assert sol.stats.nfev == int(sol.stats.steps.max()) + 1  # the loop's calls and OneStep's one
+    seen.clear()
+    deq(x, solver=deqkit.FixedPoint())  # a per-call override replaces it for that call only
+    assert not seen
+    deq(x)
+    assert seen
+
+
+def test_the_layers_messages_name_the_problem():
+    with pytest.raises(TypeError, match=r"^cell must be callable \(an nn.Module\), got int$"):
+        deqkit.DEQ(3)
+    deq = deqkit.DEQ(lambda z, x: 0.5 * z + x)
+    with pytest.raises(ValueError, match=r"^DEQ needs z0=\.\.\. or a tensor first input to shape its starting point$"):
+        deq(3.0)
+    with pytest.raises(ValueError, match=r"^DEQ needs z0=\.\.\. or a tensor first input"):
+        deq()
+    bad = deqkit.DEQ(lambda z: z, init=lambda: [0.0])
+    with pytest.raises(TypeError, match=r"^DEQ's init callable must return a Tensor, got list$"):
+        bad()
+    with pytest.raises(TypeError, match=r"^unknown solve option 'zzzz'; the options are tol, stop_mode, max_steps"):
+        deq(torch.ones(1, 2), zzzz=1)
+
+
+def test_the_note_on_the_start_is_added_only_when_the_layer_shaped_it():
+    class Cell(nn.Module):
+        def forward(self, z, x):
+            return z @ torch.ones(5, 5) + x.sum()  # a state of 5 features, an input of 3
+
+    deq = deqkit.DEQ(Cell())
+    with pytest.raises(RuntimeError) as shaped:
+        deq(torch.ones(2, 3))
+    assert any("shaped like the first input" in note for note in getattr(shaped.value, "__notes__", []))
+    with pytest.raises(RuntimeError) as given:
+        deq(torch.ones(2, 3), z0=torch.ones(2, 4))
+    assert not any("shaped like" in note for note in getattr(given.value, "__notes__", []))
+    with pytest.raises(RuntimeError) as own:
+        deqkit.DEQ(Cell(), init=lambda x: torch.ones(2, 4))(torch.ones(2, 3))
+    assert not any("shaped like" in note for note in getattr(own.value, "__notes__", []))
+    with pytest.raises(deqkit.SolveError) as failed:  # a failed solve is not a shape problem
+        deqkit.DEQ(lambda z, x: 2 * z + x, solver=deqkit.FixedPoint(), max_steps=40)(torch.ones(2, 3))
+    assert not getattr(failed.value, "__notes__", [])
+
+
+def test_warm_starts_check_the_batch_of_any_first_input_and_allow_none():
+    deq = deqkit.DEQ(lambda z, x: 0.5 * z + x.unsqueeze(1), tol=1e-8)
+    sol = deq(torch.ones(3), z0=torch.zeros(3, 2))  # a 1-D per-sample input
+    with pytest.raises(ValueError, match=r"warm start from a Solution of batch 3, but inputs\[0\] has batch 4: a warm start "
+                                         r"needs the same samples in the same order \(start a new batch from z0=None, or pass "
+                                         r"z0=solution\.value\[rows\] for the rows you keep\)"):
+        deq(torch.ones(4), z0=sol)
+    free = deqkit.DEQ(lambda z: 0.5 * z + 1, init=lambda: torch.zeros(2, 2), tol=1e-8)  # no inputs at all
+    first = free()
+    assert free(z0=first).success and int(free(z0=first).stats.steps.max()) == 1

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from ._anderson import Anderson, AndersonState
 from ._base import AbstractSolver, SolverLike, select_rows
 from ._broyden import Broyden, BroydenState
+from ._fallback import Fallback
 from ._fixed_point import FixedPoint
 from ._newton_krylov import NewtonKrylov
 from ._torchdeq import TorchDEQSolver
@@ -64,6 +65,24 @@ register("fixed_point", FixedPoint)
 register("anderson", Anderson)
 register("broyden", Broyden)
 register("newton_krylov", NewtonKrylov)
+def _fallback(solvers: Any) -> Fallback:
+    """``Fallback`` from a list of names (``"anderson"``), ``{"name": ..., **hyperparameters}``
+    dicts or solver objects: the form a command line or a config file gives."""
+    if isinstance(solvers, str) or not hasattr(solvers, "__iter__"):
+        raise TypeError(f"fallback needs solvers=[...], a list of solver names, dicts or objects; got {solvers!r}")
+    chain = []
+    for item in solvers:
+        if isinstance(item, str):
+            chain.append(get(item))
+        elif isinstance(item, dict):
+            kwargs = dict(item)
+            chain.append(get(kwargs.pop("name"), **kwargs))
+        else:
+            chain.append(item)
+    return Fallback(*chain)
+
+
+register("fallback", _fallback)
 register("torchdeq_anderson", _torchdeq("anderson"))
 register("torchdeq_broyden", _torchdeq("broyden"))
 register("torchdeq_fixed_point_iter", _torchdeq("fixed_point_iter"))
@@ -75,6 +94,7 @@ __all__ = [
     "AndersonState",
     "Broyden",
     "BroydenState",
+    "Fallback",
     "FixedPoint",
     "NewtonKrylov",
     "SolverLike",

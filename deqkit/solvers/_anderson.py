@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._base import select_rows, AbstractSolver, check_positive, check_positive_int, check_unit_interval, combine, rows_dot, work_dtype
+from .. import _checks
+from .._numerics import combine, work_dtype, write_slot
+from ._base import AbstractSolver, set_fields
 
 
 class AndersonState(NamedTuple):
@@ -18,23 +19,7 @@ class AndersonState(NamedTuple):
     valid: Tensor    # (B, m) 1.0 for slots in use, per sample, else 0.0
     best: Tensor     # (B,) smallest residual norm seen since the last restart
     n_steps: int     # steps taken (the next slot is n_steps % m)
-
-
-def _write(buf: Tensor, index: int, value: Tensor, dim: int, inplace: bool) -> Tensor:
-    """buf with ``value`` placed at ``index`` along ``dim``: in place, or out of place for autograd."""
-    if inplace:
-        buf.select(dim, index).copy_(value)
-        return buf
-    idx = torch.tensor([index], device=buf.device)
-    return buf.index_copy(dim, idx, value.unsqueeze(dim))
-
-
-@functools.lru_cache(maxsize=64)
-def _unit(m: int, slot: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The unit vector e_slot of length m (cached: it is never written to)."""
-    e = torch.zeros(m, dtype=dtype, device=device)
-    e[slot] = 1.0
-    return e
+    unit: Tensor     # (m, m) identity: row i is the unit vector of slot i (shared by all samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +66,13 @@ class Anderson(AbstractSolver):
     restart: float = 4.0
 
     def __post_init__(self) -> None:
-        check_positive_int("m", self.m)
-        check_unit_interval("beta", self.beta)
-        check_positive("lam", self.lam, allow_zero=True)
-        if not isinstance(self.restart, (int, float)) or not self.restart > 1:
-            raise ValueError(f"restart must be a number > 1, got {self.restart!r}")
+        set_fields(
+            self,
+            m=_checks.integer("m", self.m),
+            beta=_checks.unit_interval("beta", self.beta),
+            lam=_checks.positive("lam", self.lam, allow_zero=True),
+            restart=_checks.above("restart", self.restart, 1),
+        )
 
     def init(self, z: Tensor, fz: Tensor, problem: Any) -> AndersonState:
         b, d = z.shape[0], z[0].numel()
@@ -96,10 +83,12 @@ class Anderson(AbstractSolver):
             valid=z.new_zeros((b, self.m), dtype=dt),
             best=torch.full((b,), float("inf"), dtype=dt, device=z.device),
             n_steps=0,
+            unit=torch.eye(self.m, dtype=dt, device=z.device),
         )
 
     def select(self, state: AndersonState, rows: Tensor) -> AndersonState:
-        return select_rows(state, rows)  # type: ignore[no-any-return]
+        return state._replace(f=state.f.index_select(0, rows), g=state.g.index_select(0, rows),
+                              valid=state.valid.index_select(0, rows), best=state.best.index_select(0, rows))
 
     def step(self, z: Tensor, fz: Tensor, state: AndersonState, problem: Any) -> tuple[Tensor, Any]:
         b, m = z.shape[0], self.m
@@ -108,17 +97,9 @@ class Anderson(AbstractSolver):
         fx = fz.reshape(b, -1)
         if fx.dtype != dt:
             fx = fx.to(dt)
-        residual = getattr(problem, "residual", None)
-        if callable(residual):  # the loop's own f(z) - z and its norm, when it has them
-            g, norm = residual(z, fz)
-        else:
-            g = fx - z.reshape(b, -1).to(dt)
-            norm = torch.linalg.vector_norm(g, dim=1)
+        g, norm = problem.residual(z, fz)  # the loop's own f(z) - z and its norm, when it has them
         slot = state.n_steps % m
-        if torch.compiler.is_compiling():  # torch.compile warns when it traces through lru_cache
-            onehot = (torch.arange(m, device=z.device) == slot).to(dt)
-        else:
-            onehot = _unit(m, slot, dt, z.device)
+        onehot = state.unit[slot]
 
         # Safeguard: a sample whose residual grew past `restart` times its best (or is NaN)
         # forgets its memory.
@@ -126,8 +107,8 @@ class Anderson(AbstractSolver):
         best = torch.where(keep, torch.minimum(norm, state.best), norm)
         valid = torch.maximum(state.valid * keep.unsqueeze(1), onehot)
 
-        fs = _write(state.f, slot, fx, 1, inplace)
-        gs = _write(state.g, slot, g, 1, inplace)
+        fs = write_slot(state.f, slot, fx, 1, inplace)
+        gs = write_slot(state.g, slot, g, 1, inplace)
         # g g^T whole: one product that reads the history once, as the new row alone would
         gram = torch.bmm(gs, gs.transpose(1, 2))
 
@@ -140,7 +121,7 @@ class Anderson(AbstractSolver):
         z_next = combine(alpha, fs)  # sum_i alpha_i f(x_i) = sum_i alpha_i (x_i + g_i)
         if self.beta != 1.0:
             z_next = z_next - (1 - self.beta) * combine(alpha, gs)
-        state = AndersonState(fs, gs, valid, best, state.n_steps + 1)
+        state = AndersonState(fs, gs, valid, best, state.n_steps + 1, state.unit)
         return z_next.reshape(z.shape).to(z.dtype), state
 
     def _weights(self, gram: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
+
+from .._ledger import LoopOutput
+from .._loop import iterate
+from .._numerics import batched_dot, combine, rows_dot, work_dtype  # noqa: F401  (the solvers' arithmetic)
+from .._options import SolveOptions
 
 
 @runtime_checkable
@@ -29,28 +33,30 @@ class AbstractSolver(abc.ABC):
     ignores the rows of samples that have stopped.
 
     ``problem`` gives a step what it may need beyond ``z`` and ``f(z)``: ``problem.active``
-    (BoolTensor[B], samples still iterating), ``problem.f(z)`` (a counted call of the map) and
+    (BoolTensor[B], samples still iterating), ``problem.residual(z, fz)`` (the loop's own
+    ``f(z) - z`` and its norm), ``problem.f(z)`` (a counted call of the map) and
     ``problem.jvp(z, v)`` (a counted Jacobian-vector product of the map).
 
     Steps must not modify ``z``, ``fz`` or tensors of earlier states in place, and must be
     written with out-of-place operations wherever autograd may see them (``Unrolled``).
 
-    Three optional parts of the protocol:
+    The optional parts of the protocol, declared here with their defaults:
 
-    * ``differentiable`` (class attribute, default True): False when ``Unrolled`` cannot
-      differentiate through the steps; ``why_not_differentiable`` then says why, and the solve
-      refuses the pairing at call time.
-    * ``run(problem, z0, options) -> LoopOutput``: a solver with a loop of its own (such as
-      ``TorchDEQSolver``) implements this hook instead of ``step``; the solve calls it in place
-      of the shared loop and reads the same record back.
+    * ``differentiable`` (default True): False when ``Unrolled`` cannot differentiate through
+      the steps; ``why_not_differentiable`` then says why, and the solve refuses the pairing.
     * ``select(state, rows) -> state``: the state of the samples at positions ``rows`` (a
       LongTensor into the current batch), in that order. With ``active_set=True`` the loop then
-      compacts its working tensors to the samples still iterating, so steps shrink with them;
-      a solver without it steps over the whole batch, and only f is evaluated on the active
-      rows. deqkit's solvers have it.
+      compacts its working tensors to the samples still iterating, so steps shrink with them.
+      ``selects_rows`` tells whether a solver has it (by default: whether its class overrides
+      ``select``); one without it steps over the whole batch, and only f is evaluated on the
+      active rows.
+    * ``run(problem, z0, options) -> LoopOutput``: the whole forward loop. The default is the
+      shared loop; a solver with a loop of its own (``TorchDEQSolver``) or one that runs other
+      solvers (``Fallback``) overrides it and returns the same record.
     """
 
     differentiable: ClassVar[bool] = True
+    why_not_differentiable: ClassVar[str] = "its iterations are not recorded by autograd"
 
     def init(self, z: Tensor, fz: Tensor, problem: Any) -> Any:
         """The state before the first step (default: none)."""
@@ -59,6 +65,82 @@ class AbstractSolver(abc.ABC):
     @abc.abstractmethod
     def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
         """Return the next iterate for the whole batch and the new state."""
+
+    def select(self, state: Any, rows: Tensor) -> Any:
+        """The state of the samples at positions ``rows`` (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select rows of its state")
+
+    @property
+    def selects_rows(self) -> bool:
+        """True when ``select`` is implemented, so the active set can compact the state."""
+        return type(self).select is not AbstractSolver.select
+
+    def run(self, problem: Any, z0: Tensor, options: SolveOptions) -> LoopOutput:
+        """The forward loop: the shared one (``deqkit._loop.iterate``) unless overridden."""
+        return iterate(self, problem, z0, options)
+
+    @property
+    def own_loop(self) -> bool:
+        """True when the solver runs a loop of its own (overrides ``run``) rather than steps."""
+        return type(self).run is not AbstractSolver.run
+
+
+class _Adapted(AbstractSolver):
+    """A solver object that does not subclass ``AbstractSolver`` (it has ``init`` and ``step``),
+    seen through the protocol: its optional hooks where it has them, the defaults where not."""
+
+    def __init__(self, solver: Any):
+        self.solver = solver
+
+    def __repr__(self) -> str:
+        return repr(self.solver)
+
+    @property
+    def differentiable(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.solver, "differentiable", True))
+
+    @property
+    def why_not_differentiable(self) -> str:  # type: ignore[override]
+        return str(getattr(self.solver, "why_not_differentiable", AbstractSolver.why_not_differentiable))
+
+    def init(self, z: Tensor, fz: Tensor, problem: Any) -> Any:
+        return self.solver.init(z, fz, problem)
+
+    def step(self, z: Tensor, fz: Tensor, state: Any, problem: Any) -> tuple[Tensor, Any]:
+        return self.solver.step(z, fz, state, problem)  # type: ignore[no-any-return]
+
+    def select(self, state: Any, rows: Tensor) -> Any:
+        return self.solver.select(state, rows)
+
+    @property
+    def selects_rows(self) -> bool:
+        return callable(getattr(self.solver, "select", None))
+
+    def run(self, problem: Any, z0: Tensor, options: SolveOptions) -> LoopOutput:
+        if self.own_loop:
+            return self.solver.run(problem, z0, options)  # type: ignore[no-any-return]
+        return iterate(self, problem, z0, options)
+
+    @property
+    def own_loop(self) -> bool:
+        return callable(getattr(self.solver, "run", None))
+
+
+def as_solver(solver: Any, name: str = "solver") -> AbstractSolver:
+    """``solver`` as an ``AbstractSolver`` (itself, or a view of an object with init and step);
+    anything else (a class, a name, an object without step) is refused, naming the fix."""
+    if isinstance(solver, AbstractSolver):
+        return solver
+    if isinstance(solver, type):
+        raise TypeError(f"{name} must be a solver object, not a class: use {name}={solver.__name__}()")
+    if isinstance(solver, str):
+        raise TypeError(
+            f"{name} must be a solver object, got the string {solver!r}: use deqkit.solvers.get({solver!r}) "
+            "to turn a name into a solver"
+        )
+    if not (callable(getattr(solver, "init", None)) and callable(getattr(solver, "step", None))):
+        raise TypeError(f"{name} must have init() and step() methods (e.g. deqkit.Anderson()), got {solver!r}")
+    return _Adapted(solver)
 
 
 def select_rows(state: tuple[Any, ...], rows: Tensor) -> Any:
@@ -78,45 +160,7 @@ def select_rows(state: tuple[Any, ...], rows: Tensor) -> Any:
     return type(state)(*(x.index_select(0, rows) if isinstance(x, Tensor) else x for x in state))
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of solver arithmetic: float32 or better, whatever the state's dtype."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-# The three products below are written in the forms that hit fast kernels: on CPU,
-# einsum("bmd,bd->bm") and einsum("bd,bd->b") fall onto a matrix-times-column-vector path
-# that is 10-30x slower for large d than these (measured on torch 2.13).
-
-
-def batched_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product of two (B, d) tensors -> (B,)."""
-    return (a * b).sum(dim=1)
-
-
-def rows_dot(rows: Tensor, v: Tensor) -> Tensor:
-    """Inner products of each of m rows with v, per sample: (B, m, d), (B, d) -> (B, m)."""
-    return torch.bmm(v.unsqueeze(1), rows.transpose(1, 2)).squeeze(1)
-
-
-def combine(weights: Tensor, rows: Tensor) -> Tensor:
-    """Weighted sum of rows, per sample: (B, m), (B, m, d) -> (B, d)."""
-    return torch.bmm(weights.unsqueeze(1), rows).squeeze(1)
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_unit_interval(name: str, value: Any) -> None:
-    """Check 0 < value <= 1 (a damping or mixing factor)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-
-
-def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0) and value == value
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+def set_fields(record: Any, **values: Any) -> None:
+    """Store checked values on a frozen dataclass while it is being built (in ``__post_init__``)."""
+    for name, value in values.items():
+        object.__setattr__(record, name, value)

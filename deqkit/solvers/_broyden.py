@@ -8,8 +8,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._base import select_rows, AbstractSolver, batched_dot, check_positive_int, combine, rows_dot, work_dtype
-from ._anderson import _write
+from .. import _checks
+from .._numerics import batched_dot, combine, rows_dot, work_dtype, write_slot
+from ._base import AbstractSolver, select_rows, set_fields
 
 
 class BroydenState(NamedTuple):
@@ -52,7 +53,7 @@ class Broyden(AbstractSolver):
     memory: int = 20
 
     def __post_init__(self) -> None:
-        check_positive_int("memory", self.memory)
+        set_fields(self, memory=_checks.integer("memory", self.memory))
 
     def init(self, z: Tensor, fz: Tensor, problem: Any) -> Optional[BroydenState]:
         return None
@@ -64,8 +65,7 @@ class Broyden(AbstractSolver):
         b = z.shape[0]
         dt = work_dtype(z.dtype)
         x = z.reshape(b, -1).to(dt)
-        residual = getattr(problem, "residual", None)  # the loop's own f(z) - z, when it has it
-        g = residual(z, fz)[0] if callable(residual) else fz.reshape(b, -1).to(dt) - x
+        g = problem.residual(z, fz)[0]  # the loop's own f(z) - z, when it has it
         if state is None:  # J^-1 = -I: the first step is a plain fixed-point step
             u = x.new_zeros((b, self.memory, x.shape[1]))
             vt = torch.zeros_like(u)
@@ -93,8 +93,8 @@ class Broyden(AbstractSolver):
         vt_new = torch.where(ok.unsqueeze(1), vt_new, torch.zeros_like(vt_new))
 
         inplace = not (torch.is_grad_enabled() and (z.requires_grad or fz.requires_grad or state.u.requires_grad))
-        u = _write(state.u, slot, u_new, 1, inplace)
-        vt = _write(state.vt, slot, vt_new, 1, inplace)
+        u = write_slot(state.u, slot, u_new, 1, inplace)
+        vt = write_slot(state.vt, slot, vt_new, 1, inplace)
         jinv_g = jinv_g_old + u_new * batched_dot(vt_new, g).unsqueeze(1)  # J_new^-1 g
         z_next = x - jinv_g
         return z_next.reshape(z.shape).to(z.dtype), BroydenState(u, vt, x, g, jinv_g, slot + 1)

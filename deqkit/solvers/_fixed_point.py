@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ._base import AbstractSolver, check_unit_interval
+from .. import _checks
+from ._base import AbstractSolver, set_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class FixedPoint(AbstractSolver):
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        check_unit_interval("damping", self.damping)
+        set_fields(self, damping=_checks.unit_interval("damping", self.damping))
 
     def select(self, state: Any, rows: Tensor) -> Any:
         return state  # no state

@@ -8,7 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import AbstractSolver, batched_dot, combine, check_positive, check_positive_int, check_unit_interval, work_dtype
+from .. import _checks
+from .._numerics import arnoldi_step, combine, work_dtype
+from ._base import AbstractSolver, set_fields
 
 
 _JVP_METHODS = ("auto", "forward", "finite_difference")
@@ -61,11 +63,13 @@ class NewtonKrylov(AbstractSolver):
     jvp: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.jvp not in _JVP_METHODS:
-            raise ValueError(f"jvp must be one of {_JVP_METHODS}, got {self.jvp!r}")
-        check_positive_int("krylov_dim", self.krylov_dim)
-        check_positive("krylov_rtol", self.krylov_rtol)
-        check_unit_interval("damping", self.damping)
+        set_fields(
+            self,
+            jvp=_checks.one_of("jvp", self.jvp, _JVP_METHODS),
+            krylov_dim=_checks.integer("krylov_dim", self.krylov_dim),
+            krylov_rtol=_checks.positive("krylov_rtol", self.krylov_rtol),
+            damping=_checks.unit_interval("damping", self.damping),
+        )
 
     def select(self, state: Any, rows: Tensor) -> Any:
         return state  # no state
@@ -82,8 +86,7 @@ class NewtonKrylov(AbstractSolver):
         # a harmless unit vector, and its step is set to zero below
         solved = beta <= tiny
         safe_beta = torch.where(solved, torch.ones_like(beta), beta)
-        unit = torch.zeros_like(rhs)
-        unit[:, 0] = 1.0
+        unit = torch.eye(1, rhs.shape[1], dtype=dt, device=z.device).expand(b, -1)  # e_1 for every sample
         basis = [torch.where(solved.unsqueeze(1), unit, rhs / safe_beta.unsqueeze(1))]
         h_cols = []
         # Per sample: GMRES stops for a sample once its linear residual meets krylov_rtol, its
@@ -97,14 +100,8 @@ class NewtonKrylov(AbstractSolver):
             jv = problem.jvp(z, basis[j].reshape(z.shape).to(z.dtype), fz=fz, method=self.jvp)
             w = jv.reshape(b, -1).to(dt) - basis[j]  # (J - I) v_j
             w_norm = torch.linalg.vector_norm(w, dim=1)
-            col = []
-            for v in basis:  # modified Gram-Schmidt
-                hij = batched_dot(w, v)
-                w = w - hij.unsqueeze(1) * v
-                col.append(hij)
-            h_next = torch.linalg.vector_norm(w, dim=1)
-            col.append(h_next)
-            h_cols.append(torch.stack(col, dim=1))  # (B, j + 2)
+            w, col, h_next = arnoldi_step(w, basis)
+            h_cols.append(torch.cat([col, h_next.unsqueeze(1)], dim=1))  # (B, j + 2)
             breakdown = h_next <= 64 * torch.finfo(dt).eps * w_norm
             y, lin_res = self._least_squares(h_cols, beta)
             running = ~done

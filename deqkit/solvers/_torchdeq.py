@@ -19,12 +19,13 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from .._ledger import LoopOutput
+from .._result import Result
 from ._base import AbstractSolver
 
 _NAMES = ("anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter")
 # the arguments of torchdeq's call that a run sets itself
 _CALL_ARGS = frozenset({"func", "x0", "max_iter", "tol", "stop_mode", "indexing", "kwargs"})
-_SUCCESS, _MAX_STEPS, _DIVERGED, _NONFINITE = 0, 1, 2, 3  # deqkit.Result's codes
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -49,8 +50,6 @@ def run_torchdeq_style(fn: Callable[..., Any], f: Callable[[Tensor], Tensor], z0
     ``fixed`` or when none did); ``trajectory`` the last ``keep`` pairs ``(z, f(z))``;
     ``nfev`` the calls of ``f``. No graph is kept: call it under ``torch.no_grad()``.
     """
-    from .._loop import LoopOutput
-
     res_dtype = torch.promote_types(z0.dtype, torch.float32)
     abs_hist: list[Tensor] = []
     res_hist: list[Tensor] = []
@@ -79,14 +78,14 @@ def run_torchdeq_style(fn: Callable[..., Any], f: Callable[[Tensor], Tensor], z0
     if calls and not fixed:
         reached = torch.cummin(trace, dim=1).values <= tol
         steps = torch.where(reached.any(dim=1), reached.to(torch.uint8).argmax(dim=1) + 1, steps)
-    status = torch.full_like(steps, _SUCCESS if fixed else _MAX_STEPS)
+    status = torch.full_like(steps, int(Result.SUCCESS) if fixed else int(Result.MAX_STEPS))
     if divergence is not None and calls:
         abs_trace = torch.stack(abs_hist, dim=1)
         start = abs_trace[:, :1].nan_to_num(0.0).clamp_min(torch.finfo(abs_trace.dtype).tiny)
-        status = torch.where((abs_trace > divergence * start).any(dim=1), _DIVERGED, status)
+        status = torch.where((abs_trace > divergence * start).any(dim=1), int(Result.DIVERGED), status)
     if not fixed:  # a sample that came back below tol after growing is at a fixed point
-        status = torch.where(residual <= tol, _SUCCESS, status)
-    status = torch.where(torch.isfinite(trace).all(dim=1) & torch.isfinite(residual), status, _NONFINITE)
+        status = torch.where(residual <= tol, int(Result.SUCCESS), status)
+    status = torch.where(torch.isfinite(trace).all(dim=1) & torch.isfinite(residual), status, int(Result.NONFINITE))
     best_z = _preimage(value, list(kept)) if preimage else value
     out = LoopOutput(best_z=best_z, best_fz=value, residual=residual, status=status, steps=steps, trace=trace,
                      trajectory=tuple(kept)[-keep:] if keep else (), nfev=calls, sample_evals=calls * batch)

@@ -25,6 +25,7 @@ if not any(name in os.environ for name in WAIT_SETTINGS):
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import sys  # noqa: E402
+import typing  # noqa: E402
 
 # subcommand name -> (module inside this package, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -39,12 +40,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m examples.get_distillation",
         description="GET distillation example: teacher training, pair generation and more.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}",
+                                parser_class=_Parser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
         # every option writes its default into its help (cli.add_config_arguments does it for
@@ -55,9 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what bad input, a busy folder or a diverged run raise: reported as one line, not a traceback
-# (set DEQKIT_TRACEBACK=1 to see the traceback)
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, ImportError, RuntimeError)
+# what bad input, a busy folder, the file system (read-only, full, no permission) or a diverged
+# run raise: reported as one line, not a traceback (set DEQKIT_TRACEBACK=1 to see the traceback)
+USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+
+
+def message(exc: BaseException) -> str:
+    """One line for a user error; an OSError names its path."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror or exc}: {str(exc.filename)!r}"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if os.environ.get("DEQKIT_TRACEBACK"):
             raise
-        print(f"error: {args.command}: {exc}", file=sys.stderr)
+        print(f"error: {args.command}: {message(exc)}", file=sys.stderr)
         return 1
 
 

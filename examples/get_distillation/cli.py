@@ -1,17 +1,19 @@
-"""The command-line layer: one config dataclass <-> argparse options, for every subcommand.
+"""The command-line layer: the options of a config class (``config.py``), and the run of a subcommand.
 
-Each field of a config dataclass is written once. :func:`option` adds what the command line
-needs to it (help, choices, a flag name), and :func:`add_config_arguments` turns the fields
-into options: ``--num-pairs`` for ``num_pairs``, ``--cond/--no-cond`` for a bool, a
-repeatable ``--solver-arg KEY=VALUE`` for a dict, a repeatable ``--baseline`` for a list.
-``--help`` shows every default and the choices. Validation lives in the dataclass's
-``__post_init__``, so a config from the command line, from ``--config`` or from a
-checkpoint is checked alike. Every subcommand also gets:
+Each field of a config dataclass is written once, with :func:`config.option`;
+:func:`add_config_arguments` turns the fields into options: ``--num-pairs`` for
+``num_pairs``, ``--cond/--no-cond`` for a bool, a repeatable ``--solver-arg KEY=VALUE`` for a
+dict, a repeatable ``--baseline`` for a list. ``--help`` shows every default, the bounds of
+every number and the choices. Validation is the config layer's, so a config from the command
+line, from ``--config`` or from a checkpoint is checked alike. Every subcommand also gets:
 
 - ``--config run/config.json``: start from a saved config (a run's ``config.json`` replays
   it); options given on the command line override its values;
-- ``--dry-run``: print the resolved config as JSON and exit;
-- ``--threads N``: torch CPU threads for this process (not part of the config).
+- ``--dry-run``: check everything a run would check before its work (the config, the
+  threads, the files it reads, the solver's arguments), print the resolved config as JSON
+  and exit;
+- ``--threads N``: torch CPU threads for this process (1 to the usable CPUs; not part of
+  the config).
 
 A subcommand module then needs only::
 
@@ -19,7 +21,7 @@ A subcommand module then needs only::
         cli.add_config_arguments(parser, MyConfig)
 
     def main(args):
-        return cli.run(MyConfig, args, body)      # body(config) -> exit status
+        return cli.run(MyConfig, args, body, check=preflight)  # body(config) -> exit status
 """
 
 from __future__ import annotations
@@ -29,38 +31,21 @@ import dataclasses
 import json
 import types
 import typing
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
-import torch
-
-from . import common
+from . import config as cfg
+from . import fileio, runtime
 
 C = TypeVar("C")
-
-
-def option(default: Any = dataclasses.MISSING, *, help: str, choices: Any = None, flag: str | None = None,
-           aliases: tuple[str, ...] = (), default_text: str | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its command-line description.
-
-    ``choices``: a sequence, or a callable returning one (evaluated when the parser is
-    built, e.g. a registry's names); ``flag``: the option name when it is not
-    ``--field-name``; ``aliases``: more names for it; ``default_text``: how ``--help`` shows
-    the default (e.g. "all pairs" for None).
-    """
-    metadata = {"help": help, "choices": choices, "flag": flag, "aliases": aliases, "default_text": default_text}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def flag_of(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+option = cfg.option
+flag_of = cfg.flag_of
 
 
 def _base_type(annotation: Any) -> Any:
-    """int for int, Optional[int] and int | None; the origin (dict, list) for generics."""
+    """int for int, Optional[int] and Annotated[int, ...]; the origin (dict, list) for generics."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _base_type(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _base_type(args[0]) if len(args) == 1 else str
@@ -80,6 +65,12 @@ def _default_of(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return dataclasses.MISSING
+
+
+def _range_text(meta: typing.Mapping[str, Any]) -> str:
+    low = f">= {meta['ge']:g}" if "ge" in meta else (f"> {meta['gt']:g}" if "gt" in meta else "")
+    high = f"<= {meta['le']:g}" if "le" in meta else (f"< {meta['lt']:g}" if "lt" in meta else "")
+    return ", ".join(p for p in (low, high) if p)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -104,6 +95,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             shown = f"default: {default}"
         if choices:
             text = f"{text}; one of {', '.join(map(str, choices))}" if text else f"one of {', '.join(map(str, choices))}"
+        if _range_text(meta):
+            text = f"{text}; {_range_text(meta)}"
         help_text = f"{text} ({shown})".replace("%", "%%")  # argparse %-formats help
         kwargs: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS, help=help_text)
         names = [flag_of(field), *meta.get("aliases", ())]
@@ -121,24 +114,29 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", default=None, metavar="JSON",
                         help="start from this saved config (e.g. a run's config.json); options given here override it "
                              "(default: none)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (default: off)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything a run checks before its work, print the resolved config and exit "
+                             "(default: off)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for this process, not part of the config (default: torch's choice)")
+                        help="torch CPU threads for this process, from 1 to the usable CPUs; not part of the config "
+                             "(default: torch's choice)")
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, base: C | None = None) -> C:
     """The config of ``args``: the dataclass's defaults (or ``base``'s values), then
     ``--config``'s values, then the options given on the command line. Raises ValueError
-    naming a bad or missing option."""
-    values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+    (one line) naming a bad or missing option."""
+    values: dict[str, Any] = cfg.to_dict(base) if base is not None else {}
+    source = None
     if getattr(args, "config", None):
-        saved = common.read_json(args.config, "config")
+        source = f"--config {args.config!r}"
+        saved = fileio.read_json(args.config, "config")
         if not isinstance(saved, dict):
-            raise ValueError(f"--config {args.config!r}: expected a JSON object of settings")
+            raise cfg.ConfigError(f"{source}: expected a JSON object of settings")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(saved) - names)
         if unknown:
-            raise ValueError(f"--config {args.config!r}: unknown settings {unknown} for {cls.__name__}")
+            raise cfg.ConfigError(f"{source}: unknown settings {unknown} for {cls.__name__}")
         values.update(saved)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -149,26 +147,30 @@ def config_from_args(cls: type[C], args: argparse.Namespace, base: C | None = No
             parsed = {}
             for item in value:
                 if "=" not in item:
-                    raise ValueError(f"{flag_of(field)} expects KEY=VALUE, got {item!r}")
+                    raise cfg.ConfigError(f"{flag_of(field)} expects KEY=VALUE, got {item!r}")
                 key, text = item.split("=", 1)
                 parsed[key] = _parse_value(text)
             value = parsed
         values[field.name] = value
     missing = [flag_of(f) for f in dataclasses.fields(cls) if _default_of(f) is dataclasses.MISSING and f.name not in values]
     if missing:
-        raise ValueError(f"{', '.join(missing)} required (on the command line or in --config)")
-    return cls(**values)
+        raise cfg.ConfigError(f"{', '.join(missing)} required (on the command line or in --config)")
+    return cfg.build(cls, values, source)
 
 
-def run(cls: type[C], args: argparse.Namespace, body: Callable[[C], int], base: C | None = None) -> int:
-    """Build the config (see :func:`config_from_args`), apply ``--threads``, honour
-    ``--dry-run``, then ``body(config)``."""
+def run(cls: type[C], args: argparse.Namespace, body: Callable[[C], int], base: C | None = None,
+        check: Optional[Callable[[C], None]] = None) -> int:
+    """Build the config (see :func:`config_from_args`), check ``--threads``, run ``check(config)``
+    (what a run verifies before its work: files, solver arguments, ...), honour ``--dry-run``,
+    then apply ``--threads`` and run ``body(config)``."""
     config = config_from_args(cls, args, base)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        runtime.check_threads(threads)
+    if check is not None:
+        check(config)
     if args.dry_run:
-        print(json.dumps(common.config_to_dict(config), indent=2, sort_keys=True))
+        print(json.dumps(cfg.to_dict(config), indent=2, sort_keys=True))
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    runtime.set_threads(threads)
     return int(body(config) or 0)

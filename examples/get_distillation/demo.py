@@ -16,50 +16,56 @@ import argparse
 import dataclasses
 import json
 import time
+import typing
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import cli, common, evaluate, models, pairs, teacher, train
+from . import cli, evaluate, fileio, locks, models, pairs, runtime, teacher, train
+from . import config as cfg
+from .config import MAX_BATCH, MAX_SEED, MAX_STEPS, option
 
 
-@dataclasses.dataclass
+HELDOUT_SEED_OFFSET = 10_000_000  # held-out pairs never share a seed with training pairs
+
+
+@cfg.settings
 class DemoConfig:
     """Sizes of every stage; ``quick()`` shrinks them for the tests. Each field is one
     command-line option (``cli.add_config_arguments``); ``--quick`` starts from ``quick()``."""
 
-    out: str = cli.option("runs/demo", help="demo folder (rerun to reuse finished stages)",
-                          default_text="runs/demo, or runs/demo-quick with --quick, so the two never share stages")
-    teacher_preset: str = cli.option("digits", help="teacher backbone size", choices=("tiny", "digits", "cifar-small"))
-    teacher_steps: int = cli.option(2000, help="teacher training steps")
-    teacher_batch: int = cli.option(128, help="teacher batch size")
-    num_pairs: int = cli.option(20000, help="training pairs")
-    num_heldout: int = cli.option(500, help="held-out pairs (seeds from 10,000,000)")
-    heun_steps: int = cli.option(18, help="the teacher's Heun steps (NFE = 2 steps - 1)")
-    student: str = cli.option("GET-Tiny/4", help="the student preset", choices=lambda: list(models.PRESETS))
-    baseline: str = cli.option("ViT-Tiny/4", help="the baseline preset", choices=lambda: list(models.PRESETS))
-    output_norm: bool = cli.option(True, help="end the GET student's map with a LayerNorm (train's --output-norm: a map "
-                                   "with a fixed point that the solvers reach, quality level with GET's own recipe over "
-                                   "3 seeds); --no-output-norm: GET's own recipe")
-    student_steps: int = cli.option(7500, help="student training steps")
-    student_batch: int = cli.option(64, help="student batch size")
-    student_lr: float = cli.option(2e-3, help="students' peak lr: linear warm-up, then cosine decay to 0")
-    student_warmup: int = cli.option(200, help="students' warm-up steps")
-    student_grad_clip: float = cli.option(1.0, help="students' gradient-norm clip")
-    parallel_students: bool = cli.option(True, help="train the GET and the ViT at the same time, in two processes "
-                                         "(--sequential: one after the other)")
-    ema_decay: float = cli.option(0.999, help="students' EMA decay")
-    eval_samples: int = cli.option(1000, help="samples per model for the quality metrics")
-    sweep_samples: int = cli.option(500, help="samples per point of the NFE sweep's FD")
-    nfe_max: int = cli.option(12, help="largest number of fixed-point iterations in the NFE sweep")
-    seed: int = cli.option(0, help="seed of every stage")
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(value, int) or value < (0 if f.name == "seed" else 1)):
-                raise ValueError(f"{f.name} must be an integer >= {0 if f.name == 'seed' else 1}, got {value!r}")
+    out: str = option("runs/demo", help="demo folder (rerun to reuse finished stages)",
+                      default_text="runs/demo, or runs/demo-quick with --quick, so the two never share stages")
+    teacher_preset: str = option("digits", help="teacher backbone size", choices=("tiny", "digits", "cifar-small"))
+    teacher_steps: int = option(2000, help="teacher training steps", ge=1, le=MAX_STEPS)
+    teacher_batch: int = option(128, help="teacher batch size", ge=1, le=MAX_BATCH)
+    num_pairs: int = option(20000, help="training pairs", ge=1, le=MAX_STEPS)
+    num_heldout: int = option(500, help="held-out pairs (seeds from 10,000,000)", ge=2, le=HELDOUT_SEED_OFFSET)
+    heun_steps: int = option(18, help="the teacher's Heun steps (NFE = 2 steps - 1)", ge=1, le=1000)
+    student: str = option("GET-Tiny/4", help="the student preset", choices=lambda: list(models.PRESETS))
+    baseline: str = option("ViT-Tiny/4", help="the baseline preset", choices=lambda: list(models.PRESETS))
+    output_norm: bool = option(True, help="end the GET student's map with a LayerNorm (train's --output-norm: a map "
+                               "with a fixed point that the solvers reach, quality level with GET's own recipe over "
+                               "3 seeds); --no-output-norm: GET's own recipe")
+    student_steps: int = option(7500, help="student training steps", ge=1, le=MAX_STEPS)
+    student_batch: int = option(64, help="student batch size", ge=1, le=MAX_BATCH)
+    student_lr: float = option(2e-3, help="students' peak lr: linear warm-up, then cosine decay to 0", gt=0, le=10)
+    student_warmup: int = option(200, help="students' warm-up steps", ge=0, le=MAX_STEPS)
+    student_grad_clip: float = option(1.0, help="students' gradient-norm clip", gt=0, le=1e6)
+    parallel_students: bool = option(True, help="train the GET and the ViT at the same time, in two processes "
+                                     "(--sequential: one after the other; the same figures)")
+    train_threads: int = option(2, help="torch threads of the teacher's training, the pairs and the evaluation; each "
+                                "student trains with one. Fixed, not the machine's core count: training's results "
+                                "depend on the thread count", ge=1, le=64)
+    hand_over: bool = option(False, help="side by side, the student that finishes first leaves its thread to the "
+                             "other (about 25 s sooner on 2 cores; that student's figures then depend on the step at "
+                             "which the other finished)")
+    ema_decay: float = option(0.999, help="students' EMA decay", ge=0, lt=1)
+    eval_samples: int = option(1000, help="samples per model for the quality metrics", ge=2, le=MAX_STEPS)
+    sweep_samples: int = option(500, help="samples per point of the NFE sweep's FD", ge=2, le=MAX_STEPS)
+    nfe_max: int = option(12, help="largest number of fixed-point iterations in the NFE sweep", ge=1, le=1000)
+    seed: int = option(0, help="seed of every stage", ge=0, le=MAX_SEED)
 
     @classmethod
     def quick(cls, out: str = "runs/demo-quick") -> "DemoConfig":
@@ -72,8 +78,10 @@ def smoke_test_note(config: DemoConfig) -> str | None:
     """None at the full demo's sizes; else a sentence saying that this run's figures are a smoke
     test of the pipeline, not results, and which sizes are below the full demo's."""
     full = DemoConfig()
+    hints = typing.get_type_hints(DemoConfig)
     smaller = [f"{f.name.replace('_', '-')} {getattr(config, f.name)} (full: {getattr(full, f.name)})"
-               for f in dataclasses.fields(DemoConfig) if f.type in ("int", int) and f.name != "seed"
+               for f in dataclasses.fields(DemoConfig)
+               if hints[f.name] is int and f.name not in ("seed", "train_threads")
                and getattr(config, f.name) < getattr(full, f.name)]
     if config.teacher_preset == "tiny" and full.teacher_preset != "tiny":
         smaller.insert(0, f"teacher-preset tiny (full: {full.teacher_preset})")
@@ -86,13 +94,15 @@ def smoke_test_note(config: DemoConfig) -> str | None:
             "`python -m examples.get_distillation demo`. Smaller than the full demo: " + ", ".join(smaller) + ".")
 
 
-HELDOUT_SEED_OFFSET = 10_000_000  # held-out pairs never share a seed with training pairs
-
-
 def run(config: DemoConfig, progress: bool = True) -> dict:
+    """Every stage of the demo into ``config.out`` (locked meanwhile); returns the report."""
+    with locks.folder_lock(config.out):
+        return _run_stages(config, progress)
+
+
+def _run_stages(config: DemoConfig, progress: bool) -> dict:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common.save_config(out / "demo_config.json", config)
+    cfg.save(out / "demo_config.json", config)
     timings: dict[str, float] = {}
     cache = str(out / "cache")
 
@@ -105,18 +115,20 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
                                  batch=config.teacher_batch, cond=True, seed=config.seed,
                                  ckpt_every=max(config.teacher_steps // 4, 1), sample_every=config.teacher_steps,
                                  sample_steps=config.heun_steps)
-    teacher.train(tcfg, progress=progress)
+    with runtime.threads(config.train_threads):
+        teacher.train(tcfg, progress=progress)
     ckpt = out / "teacher" / "checkpoint.pt"
     timings["teacher"] = time.perf_counter() - t
 
     t = stage("2/5 pairs (seeded, sharded, resumable)")
     denoiser, info = teacher.load_teacher(ckpt)
     shape = (info["in_channels"], info["image_size"], info["image_size"])
-    digest = common.sha256_file(ckpt)
+    digest = fileio.sha256_file(ckpt)
     for folder, num, offset in (("pairs", config.num_pairs, 0), ("pairs-heldout", config.num_heldout, HELDOUT_SEED_OFFSET)):
-        pairs.generate_pairs(denoiser, out / folder, num, shard_size=min(1000, num), batch_size=min(250, num),
-                             image_shape=shape, seed_offset=offset, num_classes=info["num_classes"],
-                             num_steps=config.heun_steps, teacher_hash=digest, progress=progress)
+        with runtime.threads(config.train_threads):
+            pairs.generate_pairs(denoiser, out / folder, num, shard_size=min(1000, num), batch_size=min(250, num),
+                                 image_shape=shape, seed_offset=offset, num_classes=info["num_classes"],
+                                 num_steps=config.heun_steps, teacher_hash=digest, progress=progress)
     timings["pairs"] = time.perf_counter() - t
 
     def student_config(model: str) -> train.TrainConfig:
@@ -133,12 +145,14 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
     runs = [student.out, baseline.out]
     if config.parallel_students:
         stage(f"3-4/5 students {config.student} and {config.baseline} (same pairs, same budget), "
-                  "trained at the same time in two processes")
-        timings.update(_train_side_by_side(student, baseline, progress))
+              "trained at the same time in two processes")
+        timings.update(_train_side_by_side(student, baseline, progress, threads=1,
+                                           widen_to=config.train_threads if config.hand_over else None))
     else:
         for i, scfg in enumerate((student, baseline)):
             t = stage(f"{3 + i}/5 student {scfg.model} (same pairs, same budget)")
-            train.train(scfg, progress=progress)
+            with runtime.threads(1):  # as side by side: the same figures either way
+                train.train(scfg, progress=progress)
             timings[scfg.model] = time.perf_counter() - t
 
     t = stage("5/5 evaluation")
@@ -146,12 +160,13 @@ def run(config: DemoConfig, progress: bool = True) -> dict:
                                out=str(out), num_samples=config.eval_samples, heun_steps=config.heun_steps,
                                nfe_max=config.nfe_max, sweep_samples=config.sweep_samples, cache=cache,
                                seed=config.seed)
-    report = evaluate.evaluate(ecfg)
+    with runtime.threads(config.train_threads):
+        report = evaluate.evaluate(ecfg)
     timings["evaluation"] = time.perf_counter() - t
     report["stage_seconds"] = timings
     report["smoke_test"] = smoke_test_note(config)
-    common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
-    common.atomic_write_bytes(out / "report.md", evaluate.markdown(report).encode())
+    fileio.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
+    fileio.atomic_write_bytes(out / "report.md", evaluate.markdown(report).encode())
     return report
 
 
@@ -161,7 +176,7 @@ def _check_earlier_student(student: train.TrainConfig) -> None:
     path = Path(student.out) / "config.json"
     if not path.exists():
         return
-    earlier = common.read_json(path, "student config")
+    earlier = fileio.read_json(path, "student config")
     if earlier.get("output_norm", False) != student.output_norm:
         flag = "--output-norm" if earlier.get("output_norm", False) else "--no-output-norm"
         raise ValueError(f"{student.out} holds a {student.model} trained with output_norm={earlier.get('output_norm', False)} "
@@ -192,26 +207,29 @@ def _widen_when(done, threads: int) -> Callable[[int], None]:
             torch.set_num_threads(threads)
             widened = True
 
+    on_step.event = done  # type: ignore[attr-defined]  # what it waits for (tests wait on it too)
     return on_step
 
 
-def _train_worker(config: dict, threads: int, seconds, parent_done=None, all_threads: int = 1) -> None:
+def _train_worker(config: dict, threads: int, seconds, parent_done=None, widen_to: int | None = None) -> None:
     import threading
 
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     torch.set_num_threads(threads)
-    on_step = _widen_when(parent_done, all_threads) if parent_done is not None else None
+    on_step = _widen_when(parent_done, widen_to) if widen_to else None
     t = time.perf_counter()
-    train.train(common.config_from_dict(train.TrainConfig, config), progress=False, on_step=on_step)
+    train.train(cfg.from_dict(train.TrainConfig, config), progress=False, on_step=on_step)
     seconds.value = time.perf_counter() - t
 
 
-def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, progress: bool) -> dict[str, float]:
-    """Train ``second`` in a child process while this one trains ``first``, each with half the
-    threads. The students' steps are many small operations that a second thread speeds up
-    little, so two single-threaded runs on two cores finish much sooner than one after the
-    other; the run that finishes first leaves its threads to the other, which takes all of them
-    from its next step on. Returns each run's seconds.
+def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, progress: bool, threads: int = 1,
+                        widen_to: int | None = None) -> dict[str, float]:
+    """Train ``second`` in a child process while this one trains ``first``, each with
+    ``threads`` threads. The students' steps are many small operations that a second thread
+    speeds up little, so two single-threaded runs on two cores finish much sooner than one
+    after the other. With ``widen_to``, the run that finishes first leaves its threads to the
+    other, which trains with ``widen_to`` threads from its next step on (sooner, but that
+    run's figures then depend on the step at which the switch came). Returns each run's seconds.
 
     If the child fails, this process stops its own run at once and raises an error naming the
     child's model; if this process fails or is interrupted, the child is stopped; if it is
@@ -224,11 +242,9 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     import threading
 
     previous = torch.get_num_threads()
-    threads = max(previous // 2, 1)
     ctx = multiprocessing.get_context("spawn")
     seconds, parent_done = ctx.Value("d", float("nan")), ctx.Event()
-    child = ctx.Process(target=_train_worker, args=(common.config_to_dict(second), threads, seconds, parent_done,
-                                                    previous),
+    child = ctx.Process(target=_train_worker, args=(cfg.to_dict(second), threads, seconds, parent_done, widen_to),
                         name=f"train {second.model}", daemon=True)
     child_failed, child_done, finished, lock = threading.Event(), threading.Event(), threading.Event(), threading.Lock()
 
@@ -256,7 +272,7 @@ def _train_side_by_side(first: train.TrainConfig, second: train.TrainConfig, pro
     timings: dict[str, float] = {}
     try:
         torch.set_num_threads(threads)
-        train.train(first, progress=progress, on_step=_widen_when(child_done, previous))
+        train.train(first, progress=progress, on_step=_widen_when(child_done, widen_to) if widen_to else None)
         timings[first.model] = time.perf_counter() - t
         parent_done.set()
         exit_code()

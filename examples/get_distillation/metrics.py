@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, data
+from . import checkpoints, data, runtime
 
 FEATURE_DIM = 64
 
@@ -47,7 +47,14 @@ class DigitsClassifier(nn.Module):
 
 
 def train_digits_classifier(steps: int = 600, seed: int = 0, batch: int = 64, lr: float = 1e-3) -> DigitsClassifier:
-    """Train the feature classifier on the digits train split (small random shifts as augmentation)."""
+    """Train the feature classifier on the digits train split (small random shifts as
+    augmentation), with one thread: its weights, and so every FD-digits, do not depend on the
+    machine's core count."""
+    with runtime.threads(1):
+        return _train_classifier(steps, seed, batch, lr)
+
+
+def _train_classifier(steps: int, seed: int, batch: int, lr: float) -> DigitsClassifier:
     images, labels, _ = data.load_digits("train")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -67,13 +74,13 @@ def train_digits_classifier(steps: int = 600, seed: int = 0, batch: int = 64, lr
 
 def load_digits_classifier(cache_dir: str | os.PathLike = "runs/cache", steps: int = 600, seed: int = 0) -> DigitsClassifier:
     """The feature classifier, trained once and cached under ``cache_dir`` (keyed by data, steps, seed)."""
-    path = Path(cache_dir) / f"digits-classifier-split{data.DIGITS_SPLIT_SEED}-steps{steps}-seed{seed}.pt"
+    path = Path(cache_dir) / f"digits-classifier-split{data.DIGITS_SPLIT_SEED}-steps{steps}-seed{seed}-threads1.pt"
     model = DigitsClassifier()
     if path.is_file():
-        model.load_state_dict(common.load_checkpoint(path)["model"])
+        model.load_state_dict(checkpoints.load_checkpoint(path)["model"])
         return model.eval()
     model = train_digits_classifier(steps=steps, seed=seed)
-    common.save_checkpoint(path, {"model": model.state_dict(), "steps": steps, "seed": seed})
+    checkpoints.save_checkpoint(path, {"model": model.state_dict(), "steps": steps, "seed": seed})
     return model
 
 

@@ -199,6 +199,11 @@ class _ImageTransformer(nn.Module):
 # GET
 # --------------------------------------------------------------------------------------------
 
+#: GET's recipe as one record: ``max_steps`` plain calls of f (``tol=None``: all of them run and
+#: the last image is returned), no divergence stop, and failures in the record, not raised.
+GET_OPTIONS = deqkit.SolveOptions(tol=None, stop_mode="abs", max_steps=6, divergence=None, throw=False)
+
+
 class GET(_ImageTransformer):
     """Generative Equilibrium Transformer: injection transformer, then an equilibrium transformer.
 
@@ -229,9 +234,10 @@ class GET(_ImageTransformer):
         depth_injection, depth_equilibrium: L_i and L_e.
         mlp_ratio, eq_mlp_ratio: MLP widths of the injection and the equilibrium blocks.
         solver, backward: deqkit objects (defaults: ``FixedPoint()``, ``Unrolled()``).
-        max_steps: calls of f per solve (GET: 6).
-        tol, stop_mode: the stopping rule (default ``tol=None``: exactly ``max_steps`` run).
-        divergence: passed to ``fixed_point`` (None, as in GET: every sample runs all steps).
+        options: the solve's ``deqkit.SolveOptions`` (default ``GET_OPTIONS``: GET's recipe,
+            ``max_steps=6`` calls of f, ``tol=None`` so all of them run, no divergence stop,
+            failures returned, not raised); keyword arguments named after its fields
+            (``max_steps=``, ``tol=``, ``stop_mode=``, ...) replace them.
         output_norm: end f with a LayerNorm, ``f(z) = LN(block_{L_e}(...))`` (default False:
             GET's map). GET's pre-LN blocks give ``f(z) = z + r(z)`` with ``r`` blind to the
             scale of ``z``, so a fixed point needs ``r(z*) = 0``; when it is not met the
@@ -255,23 +261,22 @@ class GET(_ImageTransformer):
         eq_mlp_ratio: float = 6.0,
         solver: Any = deqkit.FixedPoint(),
         backward: deqkit.AbstractBackward = deqkit.Unrolled(),
-        max_steps: int = 6,
-        tol: Optional[float] = None,
-        stop_mode: str = "abs",
-        divergence: Optional[float] = None,
+        options: deqkit.SolveOptions = GET_OPTIONS,
         output_norm: bool = False,
+        **overrides: Any,
     ):
         super().__init__(img_size, channels, num_classes, patch, dim, heads)
         _check_int("depth_injection", depth_injection, 0)
         _check_int("depth_equilibrium", depth_equilibrium, 1)
-        _check_int("max_steps", max_steps, 1)
         if isinstance(solver, type) or not (hasattr(solver, "init") and hasattr(solver, "step")):
             raise TypeError(f"solver must be a deqkit solver object (e.g. deqkit.FixedPoint()), got {solver!r}")
         if not isinstance(backward, deqkit.AbstractBackward):
             raise TypeError(f"backward must be a deqkit backward object (e.g. deqkit.Unrolled()), got {backward!r}")
+        if not isinstance(options, deqkit.SolveOptions):
+            raise TypeError(f"options must be a deqkit.SolveOptions, got {type(options).__name__}")
         self.depth_equilibrium = depth_equilibrium
         self.solver, self.backward = solver, backward
-        self.max_steps, self.tol, self.stop_mode, self.divergence = max_steps, tol, stop_mode, divergence
+        self.options = options.replace(**overrides)
         self.injection_blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth_injection))
         self.injection = nn.Linear(dim, 3 * dim * depth_equilibrium, bias=False)
         self.equilibrium_blocks = nn.ModuleList(Block(dim, heads, eq_mlp_ratio) for _ in range(depth_equilibrium))
@@ -279,6 +284,11 @@ class GET(_ImageTransformer):
             raise TypeError(f"output_norm must be True or False, got {output_norm!r}")
         self.output_norm = nn.LayerNorm(dim, eps=1e-6) if output_norm else None
         self._init_weights()
+
+    @property
+    def max_steps(self) -> int:
+        """Calls of f per solve (``options.max_steps``)."""
+        return self.options.max_steps
 
     def equilibrium_map(self, z: Tensor, u: Tensor) -> Tensor:
         """f(z; u): the L_e equilibrium blocks in sequence, block i taking u's i-th slice."""
@@ -338,11 +348,8 @@ class GET(_ImageTransformer):
         elif z0.shape != shape:
             raise ValueError(f"z0 must have shape (B, N, D) = {shape}, got {tuple(z0.shape)}")
 
-        sol = deqkit.fixed_point(
-            self.equilibrium_map, z0, inputs=(u,), solver=solver, backward=self.backward,
-            tol=self.tol, stop_mode=self.stop_mode, max_steps=max_steps,
-            divergence=self.divergence, trajectory=trajectory, throw=False,
-        )
+        sol = deqkit.fixed_point(self.equilibrium_map, z0, inputs=(u,), solver=solver, backward=self.backward,
+                                 options=self.options, max_steps=max_steps, trajectory=trajectory)
         images = self.decode(sol.value)  # (B, C, H, W)
         iterates = tuple(images if t is sol.value else self.decode(t) for t in sol.trajectory)
         return ModelOutput(images=images, iterates=iterates or (images,), stats=sol.stats, tokens=sol.value,

@@ -22,7 +22,6 @@ best NFE so far, the quality at the training iterations) and OUT/nfe_study.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,7 +32,10 @@ import torch
 
 import deqkit
 
-from . import cli, common, metrics, models
+from . import checkpoints, cli, fileio, locks, metrics, models, runtime
+from . import config as cfg
+from .config import MAX_BATCH, MAX_SEED, MAX_STEPS, option
+from .images import save_figure
 from .pairs import PairDataset
 from .report import run_labels
 
@@ -41,41 +43,38 @@ TARGETS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # the summary's "NFE to reach" columns
 SOLVER_LABELS = {"fixed_point": "FixedPoint", "anderson": "Anderson", "broyden": "Broyden"}
 
 
-@dataclasses.dataclass
+@cfg.settings
 class NfeStudyConfig:
     """One NFE study; each field is one command-line option (``cli.add_config_arguments``)."""
 
-    heldout: str = cli.option(help="held-out pair folder: same teacher as the students' pairs, seeds disjoint")
-    out: str = cli.option(help="folder of nfe_study.{json,md,png}")
-    runs: list = cli.option(help="a GET student's training run folder (repeatable)", flag="--run", default_factory=list)
-    solvers: list = cli.option(help="solver, deqkit registry name with its default settings (repeatable)",
-                               flag="--solver", default_factory=lambda: ["fixed_point", "anderson", "broyden"])
-    nfe_max: int = cli.option(30, help="largest NFE (calls of f) measured")
-    num_heldout: Optional[int] = cli.option(None, help="use the first N held-out pairs", default_text="all")
-    residual_target: float = cli.option(1e-3, help="the relative residual whose first NFE the summary reports")
-    fd: bool = cli.option(True, help="FD-digits at every NFE (digits images only)")
-    ema: bool = cli.option(True, help="measure the EMA weights (--no-ema: the raw weights; for short runs, whose "
-                           "EMA still holds a share of the initial weights: decay**steps)")
-    batch: int = cli.option(250, help="batch size of the solves")
-    seed: int = cli.option(0, help="seed of the random starts z0")
-    cache: Optional[str] = cli.option(None, help="the digits classifier's cache", default_text="OUT/cache")
-    device: str = cli.option("cpu", help="torch device")
+    heldout: str = option(help="held-out pair folder: same teacher as the students' pairs, seeds disjoint")
+    out: str = option(help="folder of nfe_study.{json,md,png}")
+    runs: list[str] = option(help="a GET student's training run folder (repeatable)", flag="--run", default_factory=list)
+    solvers: list[str] = option(help="solver, deqkit registry name with its default settings (repeatable)",
+                                flag="--solver", default_factory=lambda: ["fixed_point", "anderson", "broyden"])
+    nfe_max: int = option(30, help="largest NFE (calls of f) measured", ge=1, le=1000)
+    num_heldout: Optional[int] = option(None, help="use the first N held-out pairs", default_text="all", ge=2,
+                                        le=MAX_STEPS)
+    residual_target: float = option(1e-3, help="the relative residual whose first NFE the summary reports", gt=0, le=1e6)
+    fd: bool = option(True, help="FD-digits at every NFE (digits images only)")
+    ema: bool = option(True, help="measure the EMA weights (--no-ema: the raw weights; for short runs, whose "
+                       "EMA still holds a share of the initial weights: decay**steps)")
+    batch: int = option(250, help="batch size of the solves", ge=1, le=MAX_BATCH)
+    seed: int = option(0, help="seed of the random starts z0", ge=0, le=MAX_SEED)
+    cache: Optional[str] = option(None, help="the digits classifier's cache", default_text="OUT/cache")
+    device: str = option("cpu", help="torch device")
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise ValueError("--run is required (one or more GET training runs)")
-        for name in ("nfe_max", "batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.num_heldout is not None and (not isinstance(self.num_heldout, int) or self.num_heldout < 1):
-            raise ValueError(f"num_heldout must be an integer >= 1 (or None for all), got {self.num_heldout!r}")
-        if not (isinstance(self.residual_target, (int, float)) and math.isfinite(self.residual_target)
-                and self.residual_target > 0):
-            raise ValueError(f"residual_target must be a finite number > 0, got {self.residual_target!r}")
         unknown = [s for s in self.solvers if s not in deqkit.solvers.available()]
         if unknown or not self.solvers:
             raise ValueError(f"solver must be among {deqkit.solvers.available()}, got {unknown or self.solvers}")
+        from .train import check_solver
+
+        for name in self.solvers:  # the study keeps every iterate through an Unrolled solve
+            check_solver(name, {}, deqkit.Unrolled(), f"--solver {name}",
+                         f"--solver {name} (nfe-study keeps every iterate through deqkit.Unrolled)")
 
     @property
     def cache_dir(self) -> str:
@@ -119,8 +118,13 @@ def largest_drop(values: list[float], higher_is_better: bool = True) -> float:
 def study(config: NfeStudyConfig) -> dict[str, Any]:
     """Measure every student with every solver (see the module docstring); write the files and
     return the study's dict."""
+    with locks.folder_lock(config.out):
+        return _study(config)
+
+
+def _study(config: NfeStudyConfig) -> dict[str, Any]:
     out = Path(config.out)
-    common.check_device(config.device)
+    runtime.check_device(config.device)
     device = torch.device(config.device)
     heldout = PairDataset(config.heldout)
     from .evaluate import check_heldout
@@ -137,13 +141,13 @@ def study(config: NfeStudyConfig) -> dict[str, Any]:
         from . import data
 
         ref_features, _ = metrics.classifier_outputs(classifier, data.load_digits("train").images)
-    out.mkdir(parents=True, exist_ok=True)
-
+    states = {run: checkpoints.load_checkpoint(Path(run) / "checkpoint.pt") for run in config.runs}
+    loaded = {run: load_student(Path(run) / "checkpoint.pt", device, ema=config.ema, state=states[run])
+              for run in config.runs}
     students = []
-    for run, label in zip(config.runs, run_labels(config.runs)):
-        ckpt = Path(run) / "checkpoint.pt"
-        check_heldout(heldout, run, common.load_checkpoint(ckpt))
-        model, tcfg = load_student(ckpt, device, ema=config.ema)
+    for run, label in zip(config.runs, run_labels(config.runs, [loaded[run][1].model for run in config.runs])):
+        check_heldout(heldout, run, states[run])
+        model, tcfg = loaded[run]
         if not isinstance(model, models.GET):
             raise ValueError(f"{run}: nfe-study measures GET students, and {tcfg.model} is not one")
         token_shape = ((model.img_size // model.patch) ** 2, model.dim)
@@ -181,11 +185,11 @@ def study(config: NfeStudyConfig) -> dict[str, Any]:
             entry["summary"] = _summary(entry, config.residual_target, tcfg.max_steps)
             row["solvers"][SOLVER_LABELS.get(name, name)] = entry
         students.append(row)
-    result = {"config": common.config_to_dict(config), "n": n, "nfe": list(range(1, config.nfe_max + 1)),
+    result = {"config": cfg.to_dict(config), "n": n, "nfe": list(range(1, config.nfe_max + 1)),
               "students": students}
-    common.save_figure(figure(result), out / "nfe_study.png")
-    common.atomic_write_bytes(out / "nfe_study.json", json.dumps(result, indent=1, default=str).encode())
-    common.atomic_write_bytes(out / "nfe_study.md", markdown(result).encode())
+    save_figure(figure(result), out / "nfe_study.png")
+    fileio.atomic_write_bytes(out / "nfe_study.json", json.dumps(result, indent=1, default=str).encode())
+    fileio.atomic_write_bytes(out / "nfe_study.md", markdown(result).encode())
     return result
 
 
@@ -301,5 +305,20 @@ def _run(config: NfeStudyConfig) -> int:
     return 0
 
 
+def preflight(config: NfeStudyConfig) -> None:
+    """What a study checks before its work: the device, the held-out pairs, and that every run
+    is a GET student trained on pairs these are held out from."""
+    from .evaluate import check_heldout
+
+    runtime.check_device(config.device)
+    heldout = PairDataset(config.heldout, verify="none")
+    for run in config.runs:
+        state = checkpoints.load_checkpoint(Path(run) / "checkpoint.pt")
+        check_heldout(heldout, run, state)
+        model = state.get("config", {}).get("model")
+        if models.PRESETS.get(model, {}).get("family") != "GET":
+            raise ValueError(f"{run}: nfe-study measures GET students, and {model} is not one")
+
+
 def main(args: argparse.Namespace) -> int:
-    return cli.run(NfeStudyConfig, args, _run)
+    return cli.run(NfeStudyConfig, args, _run, check=preflight)

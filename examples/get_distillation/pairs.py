@@ -23,8 +23,8 @@ Every file is written to a temporary name and renamed. A rerun verifies finished
 (checksums and seed range) and skips them, and redoes a shard without a valid record or
 with other pairs than this run needs (the short last shard of a smaller run that is being
 grown), so a kill loses and duplicates nothing and growing a folder gives what a fresh run
-with the larger ``--num-pairs`` gives. A ``.lock`` file (the writer's pid) keeps two runs
-from writing one folder at once.
+with the larger ``--num-pairs`` gives. An operating-system lock on ``.lock``
+(``locks.folder_lock``) keeps two runs from writing one folder at once.
 
 The manifest records the teacher's identity (``teacher.id``: a hash of its weights and of
 the sampler settings) and the seed range, so that training and evaluation can tell pairs of
@@ -34,18 +34,20 @@ different teachers apart and keep held-out seeds disjoint from training seeds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from . import cli, common, sampling
+from . import checkpoints, cli, fileio, locks, runtime, sampling
+from . import config as cfg
+from .config import MAX_BATCH, MAX_STEPS, option
+
+MAX_SEED_OFFSET = 2**48  # pair i's seed, offset + i, stays far inside torch's 64-bit seeds
 
 FORMAT = "deqkit-get-pairs/1"
 ARRAYS = ("noise", "target", "labels")
@@ -92,7 +94,7 @@ def _verify_record(out_dir: Path, record: dict) -> str | None:
         path = out_dir / _file_name(record, kind)
         if not path.is_file():
             return f"{path.name} is missing"
-        if common.sha256_file(path) != entry["sha256"]:
+        if fileio.sha256_file(path) != entry["sha256"]:
             return f"{path.name} does not match its sha256 checksum (corrupted or modified)"
     return None
 
@@ -104,7 +106,7 @@ def _load_record(out_dir: Path, index: int, settings: dict, seeds: list[int]) ->
     if not path.is_file():
         return None
     try:
-        record = common.read_json(path, "shard record")
+        record = fileio.read_json(path, "shard record")
     except ValueError as exc:
         print(f"redoing shard {index}: {exc}", file=sys.stderr)
         return None
@@ -124,7 +126,7 @@ def _load_record(out_dir: Path, index: int, settings: dict, seeds: list[int]) ->
 
 def teacher_identity(weights_sha256: str, sampler: dict) -> str:
     """The identity of a teacher as a pair source: its weights and how it was sampled."""
-    return common.json_sha256({"weights_sha256": weights_sha256, "sampler": sampler})
+    return fileio.json_sha256({"weights_sha256": weights_sha256, "sampler": sampler})
 
 
 def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: int, shard_size: int, batch_size: int,
@@ -140,8 +142,8 @@ def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: in
     checks every shard and writes ``manifest.json``. ``on_batch(shard, batch)`` is called after
     each batch (a progress hook; tests use it to simulate a kill). ``teacher_hash`` is the
     sha256 of the teacher's file; the manifest also records that of its weights
-    (:func:`common.state_sha256`, when ``denoiser`` is a module) and ``teacher.id``, which
-    hashes the weights with the sampler settings. Raises ``common.FolderLocked`` if another run is
+    (:func:`checkpoints.state_sha256`, when ``denoiser`` is a module) and ``teacher.id``, which
+    hashes the weights with the sampler settings. Raises ``locks.FolderLocked`` if another run is
     writing ``out_dir``.
     """
     for name, value in (("num_pairs", num_pairs), ("shard_size", shard_size), ("batch_size", batch_size),
@@ -153,8 +155,8 @@ def generate_pairs(denoiser: Callable, out_dir: str | os.PathLike, num_pairs: in
     image_shape = tuple(int(s) for s in image_shape)
     out_dir = Path(out_dir)
     sigmas = sampling.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-    teacher_weights = common.state_sha256(denoiser) if isinstance(denoiser, torch.nn.Module) else teacher_hash
-    with common.folder_lock(out_dir, rank, world_size):
+    teacher_weights = checkpoints.state_sha256(denoiser) if isinstance(denoiser, torch.nn.Module) else teacher_hash
+    with locks.folder_lock(out_dir, rank, world_size):
         return _generate(denoiser, out_dir, num_pairs, shard_size, batch_size, image_shape, seed_offset, num_classes,
                          num_steps, sigma_min, sigma_max, rho, sigmas, teacher_hash, teacher_weights,
                          device, rank, world_size, progress, on_batch)
@@ -200,17 +202,17 @@ def _generate(denoiser, out_dir, num_pairs, shard_size, batch_size, image_shape,
         files = {}
         for kind in ARRAYS:
             name = _shard_name(s, kind)
-            files[kind] = {"name": name, "sha256": common.atomic_save_npy(out_dir / name, arrays[kind]),
+            files[kind] = {"name": name, "sha256": fileio.atomic_save_npy(out_dir / name, arrays[kind]),
                            "shape": list(arrays[kind].shape), "dtype": str(arrays[kind].dtype)}
         record = {"index": s, "seeds": [seed_offset + start, seed_offset + stop], "count": stop - start,
                   "files": files, "settings": settings}
-        common.atomic_write_json(out_dir / _shard_name(s, "json"), record)
+        fileio.atomic_write_json(out_dir / _shard_name(s, "json"), record)
     bar.close()
     elapsed = time.perf_counter() - t0
     if progress and todo_pairs:
         print(f"rank {rank}: {todo_pairs} pairs in {elapsed:.1f} s = {todo_pairs / elapsed:.1f} pairs/s "
               f"({sampling.heun_nfe(num_steps)} NFE each)", file=sys.stderr)
-    common.barrier(world_size)
+    runtime.barrier(world_size)
     if rank != 0:
         return None
     return _write_manifest(out_dir, num_pairs, num_shards, settings, teacher_weights, seeds_of)
@@ -223,7 +225,7 @@ def _write_manifest(out_dir: Path, num_pairs: int, num_shards: int, settings: di
         path = out_dir / _shard_name(s, "json")
         if not path.is_file():
             raise RuntimeError(f"shard {s} is missing ({path}); did another rank fail? rerun to finish it")
-        record = common.read_json(path, "shard record")
+        record = fileio.read_json(path, "shard record")
         if record.get("seeds") != seeds_of(s) or record.get("settings") != settings:
             raise RuntimeError(f"shard {s} ({path}) does not hold the pairs this run needs; rerun to redo it")
         shards.append({k: record[k] for k in ("index", "seeds", "count", "files")})
@@ -241,7 +243,7 @@ def _write_manifest(out_dir: Path, num_pairs: int, num_shards: int, settings: di
                    "labels": {"shape": [], "dtype": "int64"}},
         "shards": shards,
     }
-    common.atomic_write_json(out_dir / "manifest.json", manifest)
+    fileio.atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -266,7 +268,7 @@ class PairDataset(torch.utils.data.Dataset):
         path = self.root / "manifest.json"
         if not path.is_file():
             raise FileNotFoundError(f"no pair manifest at {str(path)!r} (generate pairs first, or the run is unfinished)")
-        self.manifest = common.read_json(path, "pair manifest")
+        self.manifest = fileio.read_json(path, "pair manifest")
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             found = self.manifest.get("format") if isinstance(self.manifest, dict) else type(self.manifest).__name__
             raise ValueError(f"{path}: unknown format {found!r}, expected {FORMAT!r}")
@@ -316,7 +318,7 @@ class PairDataset(torch.utils.data.Dataset):
             "teacher_id": self.teacher_id, "teacher_sha256": self.teacher["sha256"],
             "sampler": self.manifest["sampler"], "seeds": [first, first + n],
             "image_shape": list(self.image_shape), "num_classes": self.num_classes,
-            "data_sha256": common.json_sha256([[s["files"][k]["sha256"] for k in ARRAYS] for s in used] + [n]),
+            "data_sha256": fileio.json_sha256([[s["files"][k]["sha256"] for k in ARRAYS] for s in used] + [n]),
         }
 
     def _check_layout(self, path: Path) -> None:
@@ -370,32 +372,28 @@ class PairDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- command line
 
 
-@dataclasses.dataclass
+@cfg.settings
 class PairsConfig:
     """A pair generation run; each field is one command-line option (``cli.add_config_arguments``)."""
 
-    teacher: str = cli.option(help="teacher checkpoint (.pt from the teacher command, or an EDM .pkl with --trust-pickle)")
-    out: str = cli.option("runs/pairs", help="pair folder (reruns resume; a larger --num-pairs grows it)")
-    num: int = cli.option(10000, help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num "
-                          "for its --numa-binding)", flag="--num-pairs", aliases=("--num",))
-    shard_size: int = cli.option(1000, help="pairs per shard file (ranks take whole shards)")
-    batch: int = cli.option(250, help="pairs per teacher batch (the target is bitwise reproducible for one batch size)")
-    seed_offset: int = cli.option(0, help="pair i uses seed offset + i (held-out pairs need a range of their own)")
-    steps: int = cli.option(18, help="Heun steps (NFE = 2 steps - 1)")
-    sigma_min: float = cli.option(0.002, help="smallest noise level of the Karras schedule")
-    sigma_max: float = cli.option(80.0, help="largest noise level of the Karras schedule")
-    rho: float = cli.option(7.0, help="Karras schedule exponent")
-    device: Optional[str] = cli.option(None, help="torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
-    trust_pickle: bool = cli.option(False, help="allow a pickled teacher (EDM .pkl): loading a pickle EXECUTES code "
-                                    "stored in the file; use only for files from a source you trust")
+    teacher: str = option(help="teacher checkpoint (.pt from the teacher command, or an EDM .pkl with --trust-pickle)")
+    out: str = option("runs/pairs", help="pair folder (reruns resume; a larger --num-pairs grows it)")
+    num: int = option(10000, help="number of pairs (under torchrun write --num-pairs: torchrun mistakes --num "
+                      "for its --numa-binding)", flag="--num-pairs", aliases=("--num",), ge=1, le=MAX_STEPS)
+    shard_size: int = option(1000, help="pairs per shard file (ranks take whole shards)", ge=1, le=MAX_BATCH)
+    batch: int = option(250, help="pairs per teacher batch (the target is bitwise reproducible for one batch size)",
+                        ge=1, le=MAX_BATCH)
+    seed_offset: int = option(0, help="pair i uses seed offset + i (held-out pairs need a range of their own)",
+                              ge=0, le=MAX_SEED_OFFSET)
+    steps: int = option(18, help="Heun steps (NFE = 2 steps - 1)", ge=1, le=1000)
+    sigma_min: float = option(0.002, help="smallest noise level of the Karras schedule", gt=0, le=sampling.SIGMA_LIMIT)
+    sigma_max: float = option(80.0, help="largest noise level of the Karras schedule", gt=0, le=sampling.SIGMA_LIMIT)
+    rho: float = option(7.0, help="Karras schedule exponent", gt=0, le=100)
+    device: Optional[str] = option(None, help="torch device", default_text="cuda:LOCAL_RANK if available, else cpu")
+    trust_pickle: bool = option(False, help="allow a pickled teacher (EDM .pkl): loading a pickle EXECUTES code "
+                                "stored in the file; use only for files from a source you trust")
 
     def __post_init__(self) -> None:
-        for name in ("num", "shard_size", "batch", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.seed_offset, int) or self.seed_offset < 0:
-            raise ValueError(f"seed_offset must be an integer >= 0, got {self.seed_offset!r}")
         sampling.check_schedule(self.sigma_min, self.sigma_max, self.rho)
 
 
@@ -404,51 +402,70 @@ def load_any_teacher(path: str, device: torch.device, *, trust_pickle: bool = Fa
     """A teacher from a checkpoint of ``teacher`` (.pt) or an EDM pickle -> (D, shape, classes,
     sha256 of its weights).
 
-    A file that is not a torch (zip) checkpoint is taken for a pickle, and a pickle runs code
-    from the file when it loads: it is refused unless ``trust_pickle`` is set.
+    The file's first bytes say what it is: a zip archive (``torch.save``; verified and loaded
+    with ``weights_only=True``: a truncated or corrupt one is refused as such), or a pickle
+    stream, which runs code from the file when it loads: refused unless ``trust_pickle`` is set.
     """
     from . import adapters
     from . import teacher as teacher_module
 
-    if path.endswith(".pkl") or (Path(path).is_file() and not zipfile.is_zipfile(path)):
+    kind = checkpoints.file_kind(path) if Path(path).is_file() else "zip"
+    if kind == "other" and not path.endswith(".pkl"):
+        raise ValueError(f"--teacher {path!r} is neither a torch checkpoint (a zip archive) nor a pickle")
+    if kind == "pickle" or path.endswith(".pkl"):
         if not trust_pickle:
             raise ValueError(f"--teacher {path!r} is a Python pickle (an EDM network?): loading it runs code "
                              "stored in the file. Pass --trust-pickle if you trust where it came from")
         net = adapters.load_edm_pickle(path, trust=True).to(device)
         res = int(getattr(net.net, "img_resolution", 32))
-        return net, (int(getattr(net.net, "img_channels", 3)), res, res), net.num_classes, common.state_sha256(net)
+        return net, (int(getattr(net.net, "img_channels", 3)), res, res), net.num_classes, checkpoints.state_sha256(net)
     denoiser, info = teacher_module.load_teacher(path, device)
     shape = (info["in_channels"], info["image_size"], info["image_size"])
-    return denoiser, shape, info["num_classes"], common.state_sha256(denoiser)
+    return denoiser, shape, info["num_classes"], checkpoints.state_sha256(denoiser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_config_arguments(parser, PairsConfig)
 
 
+def preflight(config: PairsConfig) -> None:
+    """What a run checks before its work: the device, and that the teacher is a file that
+    loads (a checkpoint that verifies; a pickle only with --trust-pickle)."""
+    runtime.check_device(config.device)
+    if not Path(config.teacher).is_file():
+        raise ValueError(f"--teacher: no file at {config.teacher!r}")
+    kind = checkpoints.file_kind(config.teacher)
+    if kind == "zip":
+        checkpoints.verify(config.teacher)
+    elif (kind == "pickle" or config.teacher.endswith(".pkl")) and not config.trust_pickle:
+        load_any_teacher(config.teacher, torch.device("cpu"))  # raises, naming --trust-pickle
+    elif kind == "other" and not config.teacher.endswith(".pkl"):
+        load_any_teacher(config.teacher, torch.device("cpu"))  # raises: neither kind
+
+
 def main(args: argparse.Namespace) -> int:
-    return cli.run(PairsConfig, args, run)
+    return cli.run(PairsConfig, args, run, check=preflight)
 
 
 def run(config: PairsConfig) -> int:
     """Generate the pairs of ``config`` (under torchrun: this rank's shards)."""
     if not Path(config.teacher).is_file():
         raise ValueError(f"--teacher: no file at {config.teacher!r}")
-    common.check_device(config.device)
-    dist = common.init_distributed(config.device)
+    runtime.check_device(config.device)
+    dist = runtime.init_distributed(config.device)
     try:
         denoiser, shape, num_classes, _ = load_any_teacher(config.teacher, dist.device, trust_pickle=config.trust_pickle)
-        with common.folder_lock(config.out, dist.rank, dist.world_size):
+        with locks.folder_lock(config.out, dist.rank, dist.world_size):
             if dist.is_main:
-                common.save_config(Path(config.out) / "pairs_config.json", config)
+                cfg.save(Path(config.out) / "pairs_config.json", config)
             manifest = generate_pairs(
                 denoiser, config.out, config.num, config.shard_size, config.batch, image_shape=shape,
                 seed_offset=config.seed_offset, num_classes=num_classes, num_steps=config.steps,
                 sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho,
-                teacher_hash=common.sha256_file(config.teacher), device=dist.device,
+                teacher_hash=fileio.sha256_file(config.teacher), device=dist.device,
                 rank=dist.rank, world_size=dist.world_size)
         if manifest is not None:
             print(f"wrote {manifest['num_pairs']} pairs in {manifest['num_shards']} shards to {config.out}", file=sys.stderr)
     finally:
-        common.cleanup_distributed(dist)
+        runtime.cleanup_distributed(dist)
     return 0

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import common
-from .train import TrainConfig
+from . import fileio
+from .images import save_figure
 
 
 def write_report(report: dict, runs: list, out: str | Path) -> dict:
@@ -20,22 +20,16 @@ def write_report(report: dict, runs: list, out: str | Path) -> dict:
     with ``report["plots"]`` (the PNG names) filled in."""
     out = Path(out)
     report["plots"] = plots(report, runs, out)
-    common.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
-    common.atomic_write_bytes(out / "report.md", markdown(report).encode())
+    fileio.atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=str).encode())
+    fileio.atomic_write_bytes(out / "report.md", markdown(report).encode())
     return report
 
 
-def run_labels(runs: list) -> list:
-    """None for a run whose preset is unique among ``runs`` (labelled by the preset), else
-    "preset (folder)" (with its position when folder names repeat too), so that runs of one
-    preset get their own rows, grids and plots."""
-    def preset(run: str) -> str:
-        path = Path(run) / "config.json"
-        if path.exists():
-            return common.load_config(TrainConfig, path).model
-        return common.load_checkpoint(Path(run) / "checkpoint.pt")["config"]["model"]
-
-    presets = [preset(run) for run in runs]
+def run_labels(runs: list, presets: list[str]) -> list:
+    """None for a run whose preset (``presets``, from the checkpoint the run's model is loaded
+    from) is unique among ``runs`` (labelled by the preset), else "preset (folder)" (with its
+    position when folder names repeat too), so that runs of one preset get their own rows,
+    grids and plots."""
     labels = [None if presets.count(p) == 1 else f"{p} ({Path(run).name})" for p, run in zip(presets, runs)]
     return [f"{label} #{i + 1}" if label is not None and labels.count(label) > 1 else label
             for i, label in enumerate(labels)]
@@ -78,10 +72,7 @@ def nfe_sweep_figure(row: dict) -> Any:
 
 
 def _log_records(run: str | Path) -> list[dict]:
-    log = Path(run) / "log.jsonl"
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return fileio.read_jsonl(Path(run) / "log.jsonl")
 
 
 def loss_figure(runs: list, rows: list[dict]) -> Any:
@@ -96,8 +87,7 @@ def loss_figure(runs: list, rows: list[dict]) -> Any:
     kinds, missing = set(), []
     for run, row in zip(runs, rows):
         recs = _log_records(run)
-        config_path = Path(run) / "config.json"
-        kind = common.load_config(TrainConfig, config_path).loss if config_path.exists() else "l1"
+        kind = row.get("loss", "l1")  # the loss of the checkpoint's config
         points = [(r["step"], r["output_loss"]) for r in recs if "output_loss" in r]  # older logs lack it
         if not points:
             missing.append(row["label"])
@@ -144,9 +134,9 @@ def plots(report: dict, runs: list, out: Path) -> list[str]:
         if not row.get("nfe_sweep"):
             continue
         name = f"nfe_sweep_{slug(row)}.png"
-        common.save_figure(nfe_sweep_figure(row), out / name)
+        save_figure(nfe_sweep_figure(row), out / name)
         files.append(name)
-    common.save_figure(loss_figure(runs, report["students"]), out / "loss_curves.png")
+    save_figure(loss_figure(runs, report["students"]), out / "loss_curves.png")
     files.append("loss_curves.png")
     return files
 

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 Denoiser = Callable[..., torch.Tensor]
+SIGMA_LIMIT = 1e4  # the largest noise level accepted (EDM: 80); sigma^2 stays far inside float32
 
 
 def karras_sigmas(n: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -35,9 +36,10 @@ def karras_sigmas(n: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0
 
 
 def check_schedule(sigma_min: float, sigma_max: float, rho: float) -> None:
-    """Raise ValueError naming the value unless 0 < sigma_min <= sigma_max < inf and rho > 0."""
-    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min <= sigma_max):
-        raise ValueError(f"need 0 < sigma_min <= sigma_max (finite), got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    """Raise ValueError naming the value unless 0 < sigma_min <= sigma_max <= SIGMA_LIMIT and rho > 0."""
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max) and 0 < sigma_min <= sigma_max <= SIGMA_LIMIT):
+        raise ValueError(f"need 0 < sigma_min <= sigma_max <= {SIGMA_LIMIT:g}, got sigma_min={sigma_min}, "
+                         f"sigma_max={sigma_max}")
     if not (math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be a finite number > 0 (EDM: 7), got {rho}")
 

@@ -18,26 +18,27 @@ used other pairs, another teacher or other evaluation settings: their figures do
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from . import cli, common
+from . import cli, fileio, locks
+from . import config as cfg
+from .config import option
+from .images import save_figure
 
 # the settings every study must share for its figures to compare with another's
 SHARED = ("pairs", "heldout", "teacher", "num_samples", "heun_steps")
 METRICS = (("fd", "quality/fd_digits"), ("psnr", "teacher_match/psnr"), ("accuracy", "quality/class_accuracy"))
 
 
-@dataclasses.dataclass
+@cfg.settings
 class ScalingConfig:
     """Each field is one command-line option (``cli.add_config_arguments``)."""
 
-    out: str = cli.option(help="folder for scaling.md, scaling.json and scaling.png")
-    studies: list = cli.option(help="a study folder (holding study.json; repeatable, at least one)", flag="--study",
-                               default_factory=list, default_text="none")
+    out: str = option(help="folder for scaling.md, scaling.json and scaling.png")
+    studies: list[str] = option(help="a study folder (holding study.json; repeatable, at least one)", flag="--study",
+                                default_factory=list, default_text="none")
 
     def __post_init__(self) -> None:
         if not self.studies:
@@ -171,14 +172,20 @@ def figure(table: dict) -> Any:
 
 
 def run(config: ScalingConfig) -> dict[str, Any]:
-    results = [(folder, common.read_json(Path(folder) / "study.json", "study result")) for folder in config.studies]
-    table = collect(results)
+    """Collect the studies and write the files into ``config.out`` (locked meanwhile)."""
+    table = preflight(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common.save_figure(figure(table), out / "scaling.png")
-    common.atomic_write_bytes(out / "scaling.json", json.dumps(table, indent=1, default=str).encode())
-    common.atomic_write_bytes(out / "scaling.md", markdown(table).encode())
+    with locks.folder_lock(out):
+        save_figure(figure(table), out / "scaling.png")
+        fileio.atomic_write_bytes(out / "scaling.json", json.dumps(table, indent=1, default=str).encode())
+        fileio.atomic_write_bytes(out / "scaling.md", markdown(table).encode())
     return table
+
+
+def preflight(config: ScalingConfig) -> dict[str, Any]:
+    """Read the studies and check that they compare; returns the table."""
+    results = [(folder, fileio.read_json(Path(folder) / "study.json", "study result")) for folder in config.studies]
+    return collect(results)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,4 +200,4 @@ def _run(config: ScalingConfig) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return cli.run(ScalingConfig, args, _run)
+    return cli.run(ScalingConfig, args, _run, check=preflight)

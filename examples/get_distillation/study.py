@@ -14,13 +14,14 @@ standard deviation (n - 1; 0 for one seed), the minimum and maximum, and every s
 
 Writes OUT/study.md (a table per student), OUT/study.json and OUT/study.png, and keeps each
 seed's runs and report in OUT/seed-S/. Rerun the same command after a kill: finished runs are
-kept, unfinished ones resume, and a seed's evaluation is redone only if a run changed since.
+kept, unfinished ones resume, and a seed's evaluation is redone unless its report's key (a
+hash of the checkpoints, the teacher, the held-out manifest and the evaluation settings:
+``evaluate.evaluation_key``) is that of this run. OUT is locked while the study runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -28,47 +29,42 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from . import cli, common, evaluate, models, train
+from . import cli, evaluate, fileio, locks, models, runtime, train
+from . import config as cfg
+from .config import MAX_BATCH, MAX_SEED, MAX_STEPS, option
+from .images import save_figure
 
 # report keys that describe a run rather than measure it: left out of the aggregate
-NOT_FIGURES = {"config", "image_shape", "num_classes", "teacher_nfe", "run", "model", "label", "backward", "solver",
+NOT_FIGURES = {"config", "key", "image_shape", "num_classes", "teacher_nfe", "run", "model", "label", "backward", "solver",
                "train_steps", "train_max_steps", "n", "nfe", "fd_samples", "floor_kind", "plots", "note",
                "classifier_test_accuracy"}
 
 
-@dataclasses.dataclass
+@cfg.settings
 class StudyConfig:
     """A seed study; each field is one command-line option (``cli.add_config_arguments``)."""
 
-    pairs: str = cli.option(help="training pair folder (from the pairs subcommand)")
-    heldout: str = cli.option(help="held-out pair folder (same teacher, other seeds)")
-    teacher: str = cli.option(help="the teacher checkpoint that made the pairs")
-    out: str = cli.option(help="study folder (rerun to resume)")
-    students: list = cli.option(help="a train config file (e.g. a run's config.json) whose settings one student "
-                                "takes; its pairs, out and seed are the study's (repeatable)", flag="--student",
-                                default_factory=list, default_text="the demo's GET-Tiny/4 and ViT-Tiny/4 recipe")
-    seeds: int = cli.option(3, help="number of training seeds")
-    first_seed: int = cli.option(0, help="the seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1")
-    steps: Optional[int] = cli.option(None, help="override every student's training steps",
-                                      default_text="each student's own")
-    num_samples: int = cli.option(1000, help="evaluation: samples per model for the quality metrics")
-    batch: int = cli.option(250, help="evaluation: batch size")
-    heun_steps: int = cli.option(18, help="evaluation: the teacher's Heun steps for its samples")
-    nfe_max: int = cli.option(12, help="evaluation: largest number of fixed-point iterations in the NFE sweep")
-    sweep_samples: int = cli.option(500, help="evaluation: samples per point of the NFE sweep's FD")
-    speed_repeats: int = cli.option(3, help="evaluation: timed repeats of the speed measurement (median)")
-    device: Optional[str] = cli.option(None, help="torch device of training and evaluation",
-                                       default_text="cuda if available, else cpu")
+    pairs: str = option(help="training pair folder (from the pairs subcommand)")
+    heldout: str = option(help="held-out pair folder (same teacher, other seeds)")
+    teacher: str = option(help="the teacher checkpoint that made the pairs")
+    out: str = option(help="study folder (rerun to resume)")
+    students: list[str] = option(help="a train config file (e.g. a run's config.json) whose settings one student "
+                                 "takes; its pairs, out and seed are the study's (repeatable)", flag="--student",
+                                 default_factory=list, default_text="the demo's GET-Tiny/4 and ViT-Tiny/4 recipe")
+    seeds: int = option(3, help="number of training seeds", ge=1, le=1000)
+    first_seed: int = option(0, help="the seeds are FIRST_SEED .. FIRST_SEED + SEEDS - 1", ge=0, le=MAX_SEED - 1000)
+    steps: Optional[int] = option(None, help="override every student's training steps",
+                                  default_text="each student's own", ge=1, le=MAX_STEPS)
+    num_samples: int = option(1000, help="evaluation: samples per model for the quality metrics", ge=2, le=MAX_STEPS)
+    batch: int = option(250, help="evaluation: batch size", ge=1, le=MAX_BATCH)
+    heun_steps: int = option(18, help="evaluation: the teacher's Heun steps for its samples", ge=1, le=1000)
+    nfe_max: int = option(12, help="evaluation: largest number of fixed-point iterations in the NFE sweep", ge=1, le=1000)
+    sweep_samples: int = option(500, help="evaluation: samples per point of the NFE sweep's FD", ge=2, le=MAX_STEPS)
+    speed_repeats: int = option(3, help="evaluation: timed repeats of the speed measurement (median)", ge=1, le=1000)
+    device: Optional[str] = option(None, help="torch device of training and evaluation",
+                                   default_text="cuda if available, else cpu")
 
     def __post_init__(self) -> None:
-        for name in ("seeds", "num_samples", "batch", "heun_steps", "nfe_max", "sweep_samples", "speed_repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.first_seed, bool) or not isinstance(self.first_seed, int) or self.first_seed < 0:
-            raise ValueError(f"first_seed must be an integer >= 0, got {self.first_seed!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an integer >= 1 (or None), got {self.steps!r}")
         for path in self.students:
             if not Path(path).is_file():
                 raise ValueError(f"--student {path!r}: no such train config file")
@@ -93,7 +89,7 @@ def student_configs(config: StudyConfig) -> list[tuple[str, train.TrainConfig]]:
     if not config.students:
         named = [(c.out, c) for c in demo_students()]
     else:
-        named = [(Path(p).parent.name or Path(p).stem, common.load_config(train.TrainConfig, p)) for p in config.students]
+        named = [(Path(p).parent.name or Path(p).stem, cfg.load(train.TrainConfig, p)) for p in config.students]
     names: list[str] = []
     for name, _ in named:  # unique folder names, in order
         base, i = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "student", 2
@@ -105,27 +101,38 @@ def student_configs(config: StudyConfig) -> list[tuple[str, train.TrainConfig]]:
 
 
 def run_config(base: train.TrainConfig, config: StudyConfig, folder: Path, seed: int) -> train.TrainConfig:
-    values = common.config_to_dict(base)
+    values = cfg.to_dict(base)
     values.update(pairs=config.pairs, out=str(folder), seed=seed, device=config.device)
     if config.steps is not None:
         values.update(steps=config.steps, log_every=min(base.log_every, config.steps),
                       sample_every=config.steps, ckpt_every=min(base.ckpt_every, config.steps))
-    return common.config_from_dict(train.TrainConfig, values)
+    return cfg.from_dict(train.TrainConfig, values)
 
 
 def _train_seconds(run: Path) -> Optional[float]:
-    log = run / "log.jsonl"
-    if not log.exists():
-        return None
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return lines[-1].get("seconds") if lines else None
+    records = fileio.read_jsonl(run / "log.jsonl")
+    return records[-1].get("seconds") if records else None
+
+
+def eval_config(config: StudyConfig, runs: list[Path], out: Path) -> evaluate.EvalConfig:
+    """The evaluation of one seed's runs: the study's settings, the same sample noise for every seed."""
+    return evaluate.EvalConfig(run=str(runs[0]), baselines=[str(r) for r in runs[1:]], teacher=config.teacher,
+                               heldout=config.heldout, out=str(out), num_samples=config.num_samples,
+                               batch=config.batch, heun_steps=config.heun_steps, nfe_max=config.nfe_max,
+                               sweep_samples=config.sweep_samples, speed_repeats=config.speed_repeats,
+                               seed=0, cache=str(Path(config.out) / "cache"), device=config.device or "cpu")
 
 
 def run_study(config: StudyConfig, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every seed, aggregate, write the files; returns the study's dict."""
+    """Train and evaluate every seed, aggregate, write the files; returns the study's dict.
+    ``config.out`` is locked meanwhile."""
+    with locks.folder_lock(config.out):
+        return _run_study(config, progress)
+
+
+def _run_study(config: StudyConfig, progress: bool) -> dict[str, Any]:
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common.save_config(out / "study_config.json", config)
+    cfg.save(out / "study_config.json", config)
     students = student_configs(config)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     reports = []
@@ -137,30 +144,23 @@ def run_study(config: StudyConfig, progress: bool = True) -> dict[str, Any]:
             print(f"== seed {seed}: training {name} ({tcfg.model}, {tcfg.steps} steps) ==", flush=True)
             train.train(tcfg, progress=progress)
             runs.append(folder / name)
-        eval_out = folder / "eval"
-        report_path = eval_out / "report.json"
-        newest = max((r / "checkpoint.pt").stat().st_mtime for r in runs)
-        if report_path.exists() and report_path.stat().st_mtime > newest:
-            report = common.read_json(report_path, "seed report")
-        else:
+        ecfg = eval_config(config, runs, folder / "eval")
+        report_path = folder / "eval" / "report.json"
+        report = fileio.read_json(report_path, "seed report") if report_path.exists() else None
+        if not isinstance(report, dict) or report.get("key") != evaluate.evaluation_key(ecfg):
             print(f"== seed {seed}: evaluation ==", flush=True)
-            ecfg = evaluate.EvalConfig(run=str(runs[0]), baselines=[str(r) for r in runs[1:]], teacher=config.teacher,
-                                       heldout=config.heldout, out=str(eval_out), num_samples=config.num_samples,
-                                       batch=config.batch, heun_steps=config.heun_steps, nfe_max=config.nfe_max,
-                                       sweep_samples=config.sweep_samples, speed_repeats=config.speed_repeats,
-                                       seed=0, cache=str(out / "cache"), device=config.device or "cpu")
             report = evaluate.evaluate(ecfg)
         for row, run in zip(report["students"], runs):
             row["train_seconds"] = _train_seconds(run)
         reports.append(report)
     figures, missing = aggregate(reports)
-    result = {"config": common.config_to_dict(config), "seeds": seeds,
-              "students": [{"name": name, "settings": common.config_to_dict(run_config(c, config, out / name, seeds[0]))}
+    result = {"config": cfg.to_dict(config), "seeds": seeds,
+              "students": [{"name": name, "settings": cfg.to_dict(run_config(c, config, out / name, seeds[0]))}
                            for name, c in students],
               "figures": figures, "missing": missing}
-    common.save_figure(figure(result), out / "study.png")
-    common.atomic_write_bytes(out / "study.json", json.dumps(result, indent=1, default=str).encode())
-    common.atomic_write_bytes(out / "study.md", markdown(result).encode())
+    save_figure(figure(result), out / "study.png")
+    fileio.atomic_write_bytes(out / "study.json", json.dumps(result, indent=1, default=str).encode())
+    fileio.atomic_write_bytes(out / "study.md", markdown(result).encode())
     return result
 
 
@@ -319,5 +319,20 @@ def _run(config: StudyConfig) -> int:
     return 0
 
 
+def preflight(config: StudyConfig) -> None:
+    """What a study checks before its work: the device, the teacher, the pairs and the
+    held-out pairs, and every student's settings on these pairs."""
+    from .pairs import PairDataset
+    from .teacher import load_teacher
+
+    runtime.check_device(config.device)
+    load_teacher(config.teacher)
+    for folder in (config.pairs, config.heldout):
+        PairDataset(folder, verify="none")
+    for name, base in student_configs(config):
+        train.check_data(run_config(base, config, Path(config.out) / name, config.first_seed),
+                         PairDataset(config.pairs, verify="none"))
+
+
 def main(args: argparse.Namespace) -> int:
-    return cli.run(StudyConfig, args, _run)
+    return cli.run(StudyConfig, args, _run, check=preflight)

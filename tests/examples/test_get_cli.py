@@ -127,7 +127,7 @@ def test_the_demo_takes_every_size_as_an_option_on_top_of_quick(capsys):
     assert config["student_steps"] == 20 and config["teacher_steps"] == 30 and config["parallel_students"] is False
     assert config["out"] == "runs/demo-quick"
     assert run_cli(["demo", "--teacher-steps", "0", "--dry-run"]) == 1
-    assert "teacher_steps must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "teacher_steps (--teacher-steps): input should be greater than or equal to 1, got 0" in capsys.readouterr().err
 
 
 def test_backward_modes_and_solvers_come_from_tables():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 
@@ -41,9 +42,11 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     # at the quick sizes the report says, before anything else, that it is a smoke test
     assert text.splitlines()[2].startswith("> **A smoke test, not results.**")
     assert data["smoke_test"] == demo.smoke_test_note(demo.DemoConfig.quick(str(out)))
-    # both students log the loss of their output image, the quantity the loss plot compares
+    # both students log the loss of their output image, the quantity the loss plot compares; each
+    # trained with one thread throughout (no hand-over by default: figures independent of timing)
     for run in ("GET-Tiny_4", "ViT-Tiny_4"):
         records = [json.loads(line) for line in (out / run / "log.jsonl").read_text().splitlines()]
+        assert {r["threads"] for r in records} == {1}
         assert all(math.isfinite(r["output_loss"]) for r in records)
         if run.startswith("ViT"):  # one iterate: the objective is the output's loss
             assert all(math.isclose(r["output_loss"], r["loss"], rel_tol=1e-6) for r in records)
@@ -78,11 +81,23 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
         assert (tmp_path / "eval" / f"nfe_sweep_{slug}.png").exists()
 
 
-def test_a_failed_side_by_side_run_is_named_and_stops_the_other_at_once(tmp_path, tiny_pairs):
-    """The second student trains in a child process; its failure stops the demo's own run at
-    once (not after it finishes) with an error naming the child's model."""
+def _block_until_interrupted(real_train):
+    """This process's run, stopped at its first step until the demo interrupts it (a guard of
+    10 minutes fails the test instead of hanging it)."""
+    def train(config, progress=True, stop_after=None, on_step=None):
+        def hook(step: int) -> None:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:  # the interruption arrives between two sleeps
+                time.sleep(0.05)
+            raise AssertionError("the failed child never interrupted this run")
+        return real_train(config, progress, stop_after, hook)
+    return train
 
-    import pytest
+
+def test_a_failed_side_by_side_run_is_named_and_stops_the_other_at_once(tmp_path, tiny_pairs, monkeypatch):
+    """The second student trains in a child process; its failure stops the demo's own run at
+    once (within the step it is in, however slow the machine) with an error naming the
+    child's model."""
     import torch
 
     from examples.get_distillation import train
@@ -92,10 +107,13 @@ def test_a_failed_side_by_side_run_is_named_and_stops_the_other_at_once(tmp_path
                               steps=3000, log_every=1, sample_every=10_000, ckpt_every=10_000)
     second = dataclasses.replace(first, pairs=str(tmp_path / "missing"), out=str(tmp_path / "b"), model="ViT-Tiny/4")
     threads = torch.get_num_threads()
+    real_train = train.train
+    monkeypatch.setattr(train, "train", _block_until_interrupted(real_train))
     with pytest.raises(RuntimeError, match="training ViT-Tiny/4 in its own process failed"):
         demo._train_side_by_side(first, second, progress=False)
-    steps_run = len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) if (tmp_path / "a" / "log.jsonl").exists() else 0
-    assert steps_run < 3000 and torch.get_num_threads() == threads
+    monkeypatch.setattr(train, "train", real_train)
+    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 1  # stopped inside its first step
+    assert torch.get_num_threads() == threads
     with pytest.raises(FileNotFoundError):  # the first run fails: the child is stopped, the error is the first's
         demo._train_side_by_side(dataclasses.replace(first, pairs=str(tmp_path / "missing")),
                                  dataclasses.replace(second, pairs=first.pairs), progress=False)
@@ -108,7 +126,6 @@ def test_the_child_run_exits_when_the_demo_process_is_killed(tmp_path, tiny_pair
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     pair_dir = tiny_pairs(tmp_path, 32, heun_steps=2)
@@ -128,9 +145,9 @@ def test_the_child_run_exits_when_the_demo_process_is_killed(tmp_path, tiny_pair
         line = proc.stdout.readline()
         child = int(line.split("(pid ")[1].split(";")[0])
         log = tmp_path / "b" / "log.jsonl"
-        deadline = time.time() + 120
-        while not log.exists() and proc.poll() is None and time.time() < deadline:  # the child is training
-            time.sleep(0.2)
+        deadline = time.monotonic() + 600  # a guard: the wait ends when the child has trained a step
+        while not log.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert log.exists(), "the child never started training"
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -144,20 +161,38 @@ def test_the_child_run_exits_when_the_demo_process_is_killed(tmp_path, tiny_pair
             return False
         return state not in ("Z", "X")  # a zombie has exited; only its reaper is missing
 
-    deadline = time.time() + 15
-    while alive(child) and time.time() < deadline:
-        time.sleep(0.2)
+    deadline = time.monotonic() + 600  # a guard: the child polls its parent every 0.5 s
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
     if alive(child):
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the child kept training after the demo process was killed")
 
 
+def _child_waiting_for_the_parent(config, threads, seconds, parent_done=None, widen_to=None):
+    """The child's run, spawned by the demo (so a module-level function): after its first step
+    it waits until this process's run is done, so it widens from its second step on."""
+    from examples.get_distillation import demo as demo_module
+    from examples.get_distillation import train
+
+    real_train = train.train
+
+    def waiting(config, progress=True, stop_after=None, on_step=None):
+        def hook(step: int) -> None:
+            if step == 1:
+                assert parent_done.wait(timeout=600), "this process's run never finished"
+            on_step(step)
+        return real_train(config, progress, stop_after, hook)
+
+    train.train = waiting
+    demo_module._train_worker(config, threads, seconds, parent_done, widen_to)
+
+
 def test_the_run_that_finishes_first_leaves_its_threads_to_the_other(tmp_path, tiny_pairs, monkeypatch):
     """Side by side, each run starts with half the threads; once one is done, the other trains
     with all of them from its next step on, whichever of the two (this process or the child)
-    finishes first. Each step's thread count is in the run's log."""
-    import time
-
+    finishes first. Each step's thread count is in the run's log. No timing: each run waits at
+    its first step for the event that the other is done."""
     import torch
 
     from examples.get_distillation import train
@@ -171,39 +206,32 @@ def test_the_run_that_finishes_first_leaves_its_threads_to_the_other(tmp_path, t
     real_train = train.train
 
     def wait_for_the_child(config, progress=True, stop_after=None, on_step=None):
-        """This process's run: after its first step, wait until the child's run is done, so the
-        widening is seen whatever the machine's speed (the child is spawned: it imports the real
-        train)."""
-        def step_hook(step: int) -> None:
+        def hook(step: int) -> None:
             if step == 1:
-                log, deadline = tmp_path / "short" / "log.jsonl", time.time() + 120
-                while time.time() < deadline and not (log.exists() and '"step": 5,' in log.read_text()):
-                    time.sleep(0.1)
-                time.sleep(3)  # the child exits after its last checkpoint
+                assert on_step.event.wait(timeout=600), "the child's run never finished"
             on_step(step)
-        return real_train(config, progress, stop_after, step_hook)
+        return real_train(config, progress, stop_after, hook)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         # the child finishes first: this process widens
-        long_run = dataclasses.replace(base, out=str(tmp_path / "long"), steps=60)
-        short_run = dataclasses.replace(base, out=str(tmp_path / "short"), steps=5)
+        long_run = dataclasses.replace(base, out=str(tmp_path / "long"), steps=4)
+        short_run = dataclasses.replace(base, out=str(tmp_path / "short"), steps=3)
         monkeypatch.setattr(train, "train", wait_for_the_child)
-        timings = demo._train_side_by_side(long_run, short_run, progress=False)
+        timings = demo._train_side_by_side(long_run, short_run, progress=False, widen_to=2)
         monkeypatch.setattr(train, "train", real_train)
         assert list(timings) == ["ViT-Tiny/4"]  # both runs are of one preset: one key
-        assert threads_logged(tmp_path / "short") == [1] * 5
-        logged = threads_logged(tmp_path / "long")
-        assert logged[0] == 1 and logged[1:] == [2] * 59  # widened after the step that waited
+        assert threads_logged(tmp_path / "short") == [1, 1, 1]
+        assert threads_logged(tmp_path / "long") == [1, 2, 2, 2]  # widened after the step that waited
         assert torch.get_num_threads() == 2
         # this process finishes first: the child widens
+        monkeypatch.setattr(demo, "_train_worker", _child_waiting_for_the_parent)
         quick = dataclasses.replace(base, out=str(tmp_path / "quick"), steps=2)
-        slow = dataclasses.replace(base, out=str(tmp_path / "slow"), steps=400)
-        demo._train_side_by_side(quick, slow, progress=False)
+        slow = dataclasses.replace(base, out=str(tmp_path / "slow"), steps=4)
+        demo._train_side_by_side(quick, slow, progress=False, widen_to=2)
         assert threads_logged(tmp_path / "quick") == [1, 1]
-        logged = threads_logged(tmp_path / "slow")
-        assert logged[0] == 1 and logged[-1] == 2 and set(logged) == {1, 2}
+        assert threads_logged(tmp_path / "slow") == [1, 2, 2, 2]
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
@@ -221,21 +249,13 @@ def test_quick_and_full_demos_default_to_separate_folders(capsys):
 
 
 def test_run_labels_are_unique_even_when_folder_names_repeat(tmp_path):
-    from examples.get_distillation import common, report, train
+    from examples.get_distillation import report
 
-    runs = []
-    for parent, name, model in (("a", "GET-Tiny_4", "GET-Tiny/4"), ("b", "GET-Tiny_4", "GET-Tiny/4"),
-                                ("b", "vit", "ViT-Tiny/4"), ("c", "other", "GET-Tiny/4")):
-        run = tmp_path / parent / name
-        run.mkdir(parents=True)
-        common.save_config(run / "config.json", train.TrainConfig(pairs="p", out=str(run), model=model))
-        runs.append(str(run))
-    only_checkpoint = tmp_path / "d" / "copied"  # a run folder without its config.json
-    only_checkpoint.mkdir(parents=True)
-    common.save_checkpoint(only_checkpoint / "checkpoint.pt",
-                           {"config": common.config_to_dict(train.TrainConfig(pairs="p", out="x", model="ViT-Tiny/4"))})
-    runs.append(str(only_checkpoint))
-    labels = report.run_labels(runs)
+    runs = [str(tmp_path / p / n) for p, n in (("a", "GET-Tiny_4"), ("b", "GET-Tiny_4"), ("b", "vit"), ("c", "other"),
+                                                ("d", "copied"))]
+    presets = ["GET-Tiny/4", "GET-Tiny/4", "ViT-Tiny/4", "GET-Tiny/4", "ViT-Tiny/4"]
+    assert report.run_labels(runs[2:3], presets[2:3]) == [None]  # a unique preset: labelled by the preset
+    labels = report.run_labels(runs, presets)
     assert labels == ["GET-Tiny/4 (GET-Tiny_4) #1", "GET-Tiny/4 (GET-Tiny_4) #2", "ViT-Tiny/4 (vit)",
                       "GET-Tiny/4 (other)", "ViT-Tiny/4 (copied)"]
     slugs = [report.slug({"label": label}) for label in labels]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import deqkit
-from examples.get_distillation import common, metrics, models, nfe_study, pairs, teacher, train
+from examples.get_distillation import checkpoints, fileio, metrics, models, nfe_study, pairs, teacher, train
 from examples.get_distillation.__main__ import main as run_cli
 
 
@@ -24,7 +24,7 @@ def setup(tmp_path_factory, tiny_pairs):
     ckpt = root / "teacher" / "checkpoint.pt"
     denoiser, info = teacher.load_teacher(ckpt)
     pairs.generate_pairs(denoiser, root / "heldout", 8, 8, 8, image_shape=(1, 8, 8), num_classes=info["num_classes"],
-                         seed_offset=1000, num_steps=4, teacher_hash=common.sha256_file(ckpt), progress=False)
+                         seed_offset=1000, num_steps=4, teacher_hash=fileio.sha256_file(ckpt), progress=False)
     runs = {}
     for name, kw in (("paper", {}), ("eq", dict(output_norm=True, jac_reg=1.0, min_steps=2))):
         train.train(_config(pair_dir, root / name, **kw), progress=False)
@@ -76,13 +76,13 @@ def test_jacobian_penalty_is_deqkits_estimate_and_trains_the_map():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(min_steps=0), r"min_steps must be an integer in \[1, max_steps=6\]"),
+    (dict(min_steps=0), r"min_steps \(--min-steps\): input should be greater than or equal to 1, got 0"),
     (dict(min_steps=7), r"min_steps must be an integer in \[1, max_steps=6\].*got 7"),
-    (dict(min_steps=2.5), r"min_steps must be an integer"),
-    (dict(jac_reg=-1.0), r"jac_reg must be a finite number >= 0, got -1.0"),
-    (dict(jac_reg=float("nan")), r"jac_reg must be a finite number"),
-    (dict(jac_reg_samples=0), r"jac_reg_samples must be an integer >= 1, got 0"),
-    (dict(output_norm="yes"), r"output_norm must be true or false"),
+    (dict(min_steps=2.5), r"min_steps \(--min-steps\): expected an integer, got 2.5"),
+    (dict(jac_reg=-1.0), r"jac_reg \(--jac-reg\): input should be greater than or equal to 0, got -1.0"),
+    (dict(jac_reg=float("nan")), r"jac_reg \(--jac-reg\): input should be a finite number, got nan"),
+    (dict(jac_reg_samples=0), r"jac_reg_samples \(--jac-reg-samples\): input should be greater than or equal to 1"),
+    (dict(output_norm="yes"), r"output_norm \(--output-norm\): expected true or false, got 'yes'"),
     (dict(model="ViT-Tiny/4", output_norm=True, jac_reg=1.0), r"output_norm, jac_reg apply to GET students only"),
     (dict(model="ViT-Tiny/4", min_steps=2), r"min_steps apply to GET students only, not to ViT-Tiny/4"),
 ])
@@ -91,11 +91,12 @@ def test_bad_equilibrium_settings_are_named(kw, message):
         train.TrainConfig(pairs="p", out="o", **kw)
 
 
-def test_bad_equilibrium_flags_stop_the_cli_with_one_line(capsys):
+def test_bad_equilibrium_flags_stop_the_cli_with_one_line(setup, capsys):
     assert run_cli(["train", "--pairs", "p", "--out", "o", "--jac-reg", "-2", "--dry-run"]) == 1
-    assert "error: train: jac_reg must be a finite number >= 0, got -2.0" in capsys.readouterr().err
-    assert run_cli(["train", "--pairs", "p", "--out", "o", "--output-norm", "--jac-reg", "1", "--min-steps", "3",
-                    "--dry-run"]) == 0
+    assert ("error: train: TrainConfig: jac_reg (--jac-reg): input should be greater than or equal to 0, got -2.0"
+            in capsys.readouterr().err)
+    assert run_cli(["train", "--pairs", str(setup[1]), "--out", "o", "--output-norm", "--jac-reg", "1",
+                    "--min-steps", "3", "--model", "GET-Tiny/4", "--batch", "8", "--dry-run"]) == 0
     config = json.loads(capsys.readouterr().out)
     assert config["output_norm"] is True and config["jac_reg"] == 1.0 and config["min_steps"] == 3
 
@@ -111,15 +112,15 @@ def test_random_iterations_are_seeded_by_the_step_and_cover_the_range():
 
 def test_each_equilibrium_option_changes_training(setup):
     root, pair_dir, runs = setup
-    base = common.load_checkpoint(runs["paper"] / "checkpoint.pt")["model"]
+    base = checkpoints.load_checkpoint(runs["paper"] / "checkpoint.pt")["model"]
     for name, kw in (("norm", dict(output_norm=True)), ("jac", dict(jac_reg=1.0)), ("iters", dict(min_steps=2))):
         train.train(_config(pair_dir, root / f"opt-{name}", **kw), progress=False)
-        state = common.load_checkpoint(root / f"opt-{name}" / "checkpoint.pt")["model"]
+        state = checkpoints.load_checkpoint(root / f"opt-{name}" / "checkpoint.pt")["model"]
         shared = [k for k in base if k in state]
         assert any(not torch.equal(base[k], state[k]) for k in shared), name
         log = [json.loads(line) for line in (root / f"opt-{name}" / "log.jsonl").read_text().splitlines()]
         assert ("jac_reg" in log[-1]) == (name == "jac")
-    assert "output_norm.weight" in common.load_checkpoint(root / "opt-norm" / "checkpoint.pt")["model"]
+    assert "output_norm.weight" in checkpoints.load_checkpoint(root / "opt-norm" / "checkpoint.pt")["model"]
     model, config = train.load_student(runs["eq"] / "checkpoint.pt")
     assert model.output_norm is not None and config.min_steps == 2
 
@@ -159,10 +160,11 @@ def test_nfe_study_measures_what_the_model_returns(setup, tmp_path):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(runs=[]), "--run is required"),
-    (dict(nfe_max=0), "nfe_max must be an integer >= 1, got 0"),
+    (dict(nfe_max=0), r"nfe_max \(--nfe-max\): input should be greater than or equal to 1, got 0"),
     (dict(solvers=["newton"]), r"solver must be among .*got \['newton'\]"),
-    (dict(residual_target=0.0), "residual_target must be a finite number > 0"),
-    (dict(num_heldout=0), "num_heldout must be an integer >= 1"),
+    (dict(residual_target=0.0), r"residual_target \(--residual-target\): input should be greater than 0"),
+    (dict(num_heldout=0), r"num_heldout \(--num-heldout\): input should be greater than or equal to 2"),
+    (dict(solvers=["newton_krylov"]), r"--solver newton_krylov \(nfe-study keeps every iterate through deqkit.Unrolled\)"),
 ])
 def test_bad_nfe_study_settings_are_named(kw, message):
     base = dict(runs=["r"], heldout="h", out="o")

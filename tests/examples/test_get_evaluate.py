@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.get_distillation import common, evaluate, pairs, report, teacher, train
+from examples.get_distillation import evaluate, fileio, pairs, report, teacher, train
 from examples.get_distillation.__main__ import main as cli
 
 
@@ -26,14 +26,14 @@ def setup(tmp_path_factory, tiny_pairs):
 def _heldout(root: Path, name: str, ckpt: Path, offset: int, heun_steps: int = 4) -> Path:
     D, info = teacher.load_teacher(ckpt)
     pairs.generate_pairs(D, root / name, 8, 8, 8, image_shape=(1, 8, 8), num_classes=info["num_classes"],
-                         seed_offset=offset, num_steps=heun_steps, teacher_hash=common.sha256_file(ckpt), progress=False)
+                         seed_offset=offset, num_steps=heun_steps, teacher_hash=fileio.sha256_file(ckpt), progress=False)
     return root / name
 
 
 def _config(root, run, heldout, **kw):
+    kw = {"out": str(root / "eval"), **kw}
     return evaluate.EvalConfig(run=str(run), teacher=str(root / "teacher" / "checkpoint.pt"), heldout=str(heldout),
-                               out=str(root / "eval"), num_samples=8, batch=8, heun_steps=4, nfe_max=1, sweep_samples=8,
-                               **kw)
+                               num_samples=8, batch=8, heun_steps=4, nfe_max=1, sweep_samples=8, **kw)
 
 
 def test_the_training_pairs_are_refused_as_held_out(setup):
@@ -66,23 +66,40 @@ def test_the_classifier_cache_defaults_inside_out_and_dry_run_validates(setup, c
     root, pair_dir, run = setup
     assert _config(root, run, pair_dir).cache_dir == str(root / "eval" / "cache")
     assert _config(root, run, pair_dir, cache="elsewhere").cache_dir == "elsewhere"
-    argv = ["evaluate", "--run", str(run), "--teacher", "t.pt", "--heldout", "h", "--out", str(root / "e")]
+    heldout = _heldout(root, "held", root / "teacher" / "checkpoint.pt", offset=1000)
+    argv = ["evaluate", "--run", str(run), "--teacher", str(root / "teacher" / "checkpoint.pt"), "--heldout",
+            str(heldout), "--out", str(root / "e")]
     assert cli([*argv, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["run"] == str(run)
     assert cli([*argv, "--batch", "0", "--dry-run"]) == 1
-    assert "batch must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert "batch (--batch): input should be greater than or equal to 1, got 0" in capsys.readouterr().err
+    assert cli([*argv[:-4], "--heldout", str(pair_dir), "--out", str(root / "e"), "--dry-run"]) == 1  # not held out
+    assert "not held out" in capsys.readouterr().err
     assert not (root / "e").exists()
+
+
+def test_rows_are_labelled_by_the_checkpoint_the_model_is_loaded_from(setup):
+    import shutil
+
+    root, pair_dir, run = setup
+    copy = root / "lying-config"
+    shutil.copytree(run, copy, dirs_exist_ok=True)
+    (copy / "config.json").write_text(json.dumps({**json.loads((copy / "config.json").read_text()),
+                                                   "model": "GET-Tiny/4"}))  # config.json says another model
+    heldout = _heldout(root, "held-labels", root / "teacher" / "checkpoint.pt", offset=2000)
+    result = evaluate.evaluate(_config(root, copy, heldout, out=str(root / "eval-labels")))
+    assert [(row["model"], row["label"]) for row in result["students"]] == [("ViT-Tiny/2", "ViT-Tiny/2")]
 
 
 def test_the_report_is_written_atomically_and_readable_by_the_group(tmp_path, monkeypatch):
     written = []
-    original = common.atomic_write_bytes
+    original = fileio.atomic_write_bytes
 
     def spy(path, data):
         written.append(Path(path).name)
         original(path, data)
 
-    monkeypatch.setattr(common, "atomic_write_bytes", spy)
+    monkeypatch.setattr(fileio, "atomic_write_bytes", spy)
     monkeypatch.setattr(report, "plots", lambda rep, runs, out: ["loss_curves.png"])
     monkeypatch.setattr(report, "markdown", lambda rep: "# report\n")
     report.write_report({"students": []}, [], tmp_path)

@@ -14,8 +14,9 @@ from examples.get_distillation import data, metrics
 
 def test_classifier_is_cached_and_loads_with_weights_only(tmp_path):
     a = metrics.load_digits_classifier(tmp_path, steps=20)
-    files = list(tmp_path.iterdir())
-    assert len(files) == 1 and "steps20-seed0" in files[0].name
+    files = sorted(p.name for p in tmp_path.iterdir())
+    name = "digits-classifier-split0-steps20-seed0-threads1.pt"  # keyed by what makes its weights
+    assert files == [name, name + ".sha256"]
     b = metrics.load_digits_classifier(tmp_path, steps=20)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
@@ -71,3 +72,19 @@ def test_fid_inception_errors_name_the_package_and_the_file(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", sub)
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         metrics.fid_inception(images, images, tmp_path / "inception.pth")
+
+
+def test_the_classifier_is_the_same_whatever_the_threads_of_the_process():
+    # FD-digits compares features of this classifier: trained with one thread whatever the
+    # process runs with, so figures do not move with the machine's core count
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = metrics.train_digits_classifier(steps=30)
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)
+        b = metrics.train_digits_classifier(steps=30)
+    finally:
+        torch.set_num_threads(before)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name

@@ -339,3 +339,20 @@ def test_construction_errors():
         model(noise(), labels(), trajectory=0)
     with pytest.raises(ValueError, match="z0 must have shape"):
         model(noise(), labels(), z0=torch.randn(4, 16, 32))
+
+
+def test_get_holds_one_solve_options_record():
+    import deqkit
+
+    model = models.build("GET-Tiny/4", img_size=8, channels=1, num_classes=10)
+    assert model.options == models.GET_OPTIONS and model.max_steps == 6
+    tuned = models.build("GET-Tiny/4", img_size=8, channels=1, num_classes=10, max_steps=3, tol=1e-3, stop_mode="rel")
+    assert tuned.options == models.GET_OPTIONS.replace(max_steps=3, tol=1e-3, stop_mode="rel") and tuned.max_steps == 3
+    own = deqkit.SolveOptions(tol=None, max_steps=2, throw=False)
+    assert models.build("GET-Tiny/4", img_size=8, channels=1, options=own).options == own
+    with pytest.raises(TypeError, match=r"unknown solve option 'max_step' \(did you mean 'max_steps'\?\)"):
+        models.build("GET-Tiny/4", img_size=8, channels=1, max_step=3)
+    with pytest.raises(TypeError, match="options must be a deqkit.SolveOptions, got dict"):
+        models.GET(8, 1, 10, options={"max_steps": 3})
+    out = tuned.eval()(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
+    assert out.stats.tol == 1e-3 and out.stats.stop_mode == "rel" and int(out.stats.steps.max()) <= 3

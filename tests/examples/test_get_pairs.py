@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples.get_distillation import common, pairs, sampling
+from examples.get_distillation import checkpoints, fileio, locks, pairs, sampling
 from examples.get_distillation import teacher as T
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def teacher_ckpt(tmp_path_factory):
 def _generate(ckpt, out, num=7, shard=3, batch=2, **kw):
     D, info = T.load_teacher(ckpt)
     return pairs.generate_pairs(D, out, num, shard, batch, image_shape=(1, 8, 8), num_classes=10, num_steps=STEPS,
-                                teacher_hash=common.sha256_file(ckpt), progress=False, **kw)
+                                teacher_hash=fileio.sha256_file(ckpt), progress=False, **kw)
 
 
 def _files(folder):
@@ -95,7 +95,7 @@ def test_corrupted_shards_are_detected_and_redone(teacher_ckpt, tmp_path):
 
 def test_reader_rejects_wrong_teacher_shape_and_paths(teacher_ckpt, tmp_path):
     _generate(teacher_ckpt, tmp_path)
-    digest = common.sha256_file(teacher_ckpt)
+    digest = fileio.sha256_file(teacher_ckpt)
     ds = pairs.PairDataset(tmp_path, expect_teacher=digest, expect_shape=(1, 8, 8))
     assert len(ds) == 7 and ds[-1][0].shape == (1, 8, 8)
     with pytest.raises(IndexError):
@@ -184,45 +184,24 @@ def test_a_corrupt_manifest_is_named(teacher_ckpt, tmp_path):
         pairs.PairDataset(tmp_path)
 
 
-def _holder(folder: Path) -> subprocess.Popen:
-    """A live process holding the folder's lock."""
-    code = ("import sys, time; from examples.get_distillation import common; "
-            "common.acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
-
-
-def test_a_folder_being_written_is_locked_and_a_stale_lock_is_replaced(teacher_ckpt, tmp_path):
-    holder = _holder(tmp_path)
-    try:
-        with pytest.raises(common.FolderLocked, match=f"being written by process {holder.pid}"):
-            _generate(teacher_ckpt, tmp_path)
-        assert not (tmp_path / "shard_00000.json").exists()
-    finally:
-        _stop(holder)
-    # the holder is gone (as after kill -9): its lock is stale and the next run takes over
-    assert json.loads((tmp_path / ".lock").read_text())["pid"] == holder.pid
+def test_a_folder_being_written_is_locked_until_its_writer_is_gone(teacher_ckpt, tmp_path, hold_lock):
+    holder = hold_lock(tmp_path)
+    with pytest.raises(locks.FolderLocked, match=f"being written by process {holder.pid} on"):
+        _generate(teacher_ckpt, tmp_path)
+    assert not (tmp_path / "shard_00000.json").exists()
+    holder.kill()  # as after kill -9: the kernel releases the lock; there is nothing stale to detect
+    holder.wait()
+    assert json.loads((tmp_path / ".lock.json").read_text())["pid"] == holder.pid  # what it left says who it was
     _generate(teacher_ckpt, tmp_path)
-    assert (tmp_path / "manifest.json").is_file() and not (tmp_path / ".lock").exists()
+    assert (tmp_path / "manifest.json").is_file() and not (tmp_path / ".lock.json").exists()
 
 
-def test_two_concurrent_cli_runs_into_one_folder_cannot_both_write(teacher_ckpt, tmp_path):
-    holder = _holder(tmp_path / "p")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "examples.get_distillation", "pairs", "--teacher", str(teacher_ckpt),
-                               "--out", str(tmp_path / "p"), "--num-pairs", "4", "--steps", "2", "--threads", "1"],
-                              cwd=REPO, capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
-    finally:
-        _stop(holder)
+def test_two_concurrent_cli_runs_into_one_folder_cannot_both_write(teacher_ckpt, tmp_path, hold_lock):
+    holder = hold_lock(tmp_path / "p")
+    proc = subprocess.run([sys.executable, "-m", "examples.get_distillation", "pairs", "--teacher", str(teacher_ckpt),
+                           "--out", str(tmp_path / "p"), "--num-pairs", "4", "--steps", "2", "--threads", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"being written by process {holder.pid}" in proc.stderr
     assert not (tmp_path / "p" / "pairs_config.json").exists()
@@ -251,11 +230,13 @@ def test_a_pickled_teacher_is_refused_without_trust_pickle(tmp_path, monkeypatch
 
 
 def test_pairs_settings_are_validated(tmp_path):
-    with pytest.raises(ValueError, match="rho must be a finite number > 0 .*got 0.0"):
+    with pytest.raises(ValueError, match=r"rho \(--rho\): input should be greater than 0, got 0.0"):
         pairs.PairsConfig(teacher="t.pt", rho=0.0)
     with pytest.raises(ValueError, match="sigma_min"):
         pairs.PairsConfig(teacher="t.pt", sigma_min=-1.0)
-    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"sigma_min <= sigma_max <= 10000, got sigma_min=100.0, sigma_max=80.0"):
+        pairs.PairsConfig(teacher="t.pt", sigma_min=100.0)
+    with pytest.raises(ValueError, match=r"batch \(--batch\): input should be greater than or equal to 1, got 0"):
         pairs.PairsConfig(teacher="t.pt", batch=0)
 
 
@@ -279,8 +260,8 @@ def test_the_manifest_records_the_teacher_identity_and_seed_range(teacher_ckpt, 
     manifest = _generate(teacher_ckpt, tmp_path / "a", num=4, shard=2, batch=2, seed_offset=10)
     D, _ = T.load_teacher(teacher_ckpt)
     teacher = manifest["teacher"]
-    assert teacher["sha256"] == common.sha256_file(teacher_ckpt)
-    assert teacher["weights_sha256"] == common.state_sha256(D)
+    assert teacher["sha256"] == fileio.sha256_file(teacher_ckpt)
+    assert teacher["weights_sha256"] == checkpoints.state_sha256(D)
     assert teacher["id"] == pairs.teacher_identity(teacher["weights_sha256"], manifest["sampler"])
     assert manifest["seeds"] == [10, 14]
     other = pairs.generate_pairs(D, tmp_path / "b", 4, 2, 2, image_shape=(1, 8, 8), num_classes=10, num_steps=STEPS + 1,

@@ -8,7 +8,8 @@ import json
 
 import torch
 
-from examples.get_distillation import common, report
+from examples.get_distillation import report
+from examples.get_distillation.images import grid_figure, save_image_grid
 
 
 def _drawn(fig):
@@ -70,12 +71,12 @@ def test_the_loss_figure_compares_the_output_loss_of_every_run(tmp_path):
 def test_sample_grids_carry_a_title_and_the_class_of_each_column(tmp_path):
     images = torch.rand(20, 1, 8, 8) * 2 - 1
     title = "teacher: EDM Heun sampler, 7 NFE"
-    fig = _drawn(common.grid_figure(images, title=title, labels=torch.arange(20) % 10, nrow=10))
+    fig = _drawn(grid_figure(images, title=title, labels=torch.arange(20) % 10, nrow=10))
     (ax,) = fig.axes
     assert ax.get_title() == title and "class" in ax.get_xlabel() and ax.get_ylabel()
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(k) for k in range(10)]
     # columns that mix classes (8 to a row, 10 classes): each image's class is written on it
-    fig = common.grid_figure(images[:16], title=title, labels=torch.arange(16) % 10, nrow=8)
+    fig = grid_figure(images[:16], title=title, labels=torch.arange(16) % 10, nrow=8)
     assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(str(k % 10) for k in range(16))
-    common.save_image_grid(images, tmp_path / "grid.png", title=title, labels=None, nrow=10)
+    save_image_grid(images, tmp_path / "grid.png", title=title, labels=None, nrow=10)
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

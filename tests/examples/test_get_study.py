@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
-from examples.get_distillation import common, pairs, study, teacher, train
+from examples.get_distillation import checkpoints, fileio, pairs, study, teacher, train
+
+from examples.get_distillation import config as cfg
 from examples.get_distillation.__main__ import main as run_cli
 
 
@@ -88,10 +91,10 @@ def test_spread_of_one_value_and_of_a_nan():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(seeds=0), "seeds must be an integer >= 1, got 0"),
-    (dict(first_seed=-1), "first_seed must be an integer >= 0, got -1"),
-    (dict(steps=0), r"steps must be an integer >= 1 \(or None\), got 0"),
-    (dict(nfe_max=0), "nfe_max must be an integer >= 1, got 0"),
+    (dict(seeds=0), r"seeds \(--seeds\): input should be greater than or equal to 1, got 0"),
+    (dict(first_seed=-1), r"first_seed \(--first-seed\): input should be greater than or equal to 0, got -1"),
+    (dict(steps=0), r"steps \(--steps\): input should be greater than or equal to 1, got 0"),
+    (dict(nfe_max=0), r"nfe_max \(--nfe-max\): input should be greater than or equal to 1, got 0"),
     (dict(students=["nowhere/config.json"]), "--student 'nowhere/config.json': no such train config file"),
 ])
 def test_bad_study_settings_are_named(kw, message):
@@ -111,11 +114,11 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     ckpt = tmp_path / "teacher" / "checkpoint.pt"
     denoiser, info = teacher.load_teacher(ckpt)
     pairs.generate_pairs(denoiser, tmp_path / "heldout", 8, 8, 8, image_shape=(1, 8, 8), num_classes=info["num_classes"],
-                         seed_offset=1000, num_steps=4, teacher_hash=common.sha256_file(ckpt), progress=False)
+                         seed_offset=1000, num_steps=4, teacher_hash=fileio.sha256_file(ckpt), progress=False)
     # two students from train config files: GET with the equilibrium options, and a ViT
     for name, kw in (("get-eq", dict(model="GET-Tiny/4", output_norm=True, jac_reg=0.5)), ("vit", dict(model="ViT-Tiny/4"))):
         (tmp_path / name).mkdir()
-        common.save_config(tmp_path / name / "config.json",
+        cfg.save(tmp_path / name / "config.json",
                            train.TrainConfig(pairs="x", out="x", batch=8, lr=1e-3, steps=50, ema_decay=0.5, **kw))
     argv = ["study", "--pairs", str(pair_dir), "--heldout", str(tmp_path / "heldout"), "--teacher", str(ckpt),
             "--out", str(tmp_path / "study"), "--seeds", "2", "--first-seed", "4", "--steps", "2",
@@ -140,10 +143,13 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     assert "ViT-Tiny/4" in result["figures"] and "teacher" in result["figures"]
     text = (out / "study.md").read_text()
     assert "## GET-Tiny/4" in text and "| teacher_match/psnr |" in text and (out / "study.png").exists()
-    # a rerun reuses the finished runs and evaluations
-    stamp = (out / "seed-4" / "eval" / "report.json").stat().st_mtime
+    # a rerun reuses the finished runs and evaluations: the report's key is that of the run
+    report = out / "seed-4" / "eval" / "report.json"
+    before = report.read_bytes()
+    ckpt = out / "seed-4" / "get-eq" / "checkpoint.pt"
+    os.utime(ckpt, (ckpt.stat().st_atime + 100, ckpt.stat().st_mtime + 100))  # newer than the report: no matter
     assert run_cli(argv) == 0
-    assert (out / "seed-4" / "eval" / "report.json").stat().st_mtime == stamp
+    assert report.read_bytes() == before
     # the GET's MACs count its trained iterations; the scaling table reads the study as it is
     from examples.get_distillation import models
 
@@ -153,3 +159,17 @@ def test_study_end_to_end_on_tiny_pairs(tmp_path, tiny_pairs, capsys):
     assert [(r["model"], r["family"], len(r["seeds"])) for r in table["rows"]] == [("GET-Tiny/4", "GET", 2),
                                                                                   ("ViT-Tiny/4", "ViT", 2)]
     assert table["rows"][0]["fd"]["values"] == get["quality/fd_digits"]["values"]
+    # a checkpoint whose content changed is evaluated again, whatever the file times
+    state = checkpoints.load_checkpoint(ckpt)
+    next(iter(state["ema"].values())).add_(1e-3)
+    checkpoints.save_checkpoint(ckpt, state)
+    os.utime(ckpt, (0, 0))  # older than the report
+    assert run_cli(argv) == 0
+    assert json.loads(report.read_text())["key"] != json.loads(before)["key"]
+    # other evaluation settings: every seed evaluated again, and the study states what it measured
+    argv[argv.index("--num-samples") + 1] = "10"
+    assert run_cli(argv) == 0
+    result = json.loads((out / "study.json").read_text())
+    assert result["config"]["num_samples"] == 10
+    assert json.loads(report.read_text())["config"]["num_samples"] == 10
+    assert json.loads(report.read_text())["students"][0]["quality"]["n"] == 10

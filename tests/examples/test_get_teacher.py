@@ -137,9 +137,9 @@ def test_edm_pickle_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ema-decay", "-3"], "ema_decay must be in [0, 1), got -3.0"),
-    (["--sample-steps", "0"], "sample_steps must be an integer >= 1, got 0"),
-    (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    (["--ema-decay", "-3"], "ema_decay (--ema-decay): input should be greater than or equal to 0, got -3.0"),
+    (["--sample-steps", "0"], "sample_steps (--sample-steps): input should be greater than or equal to 1, got 0"),
+    (["--lr", "inf"], "lr (--lr): input should be a finite number, got inf"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu:0"], "--device"),
 ])
 def test_bad_teacher_settings_fail_before_training_with_a_named_error(tmp_path, capsys, argv, message):
@@ -168,15 +168,15 @@ def test_a_moved_teacher_run_resumes(tmp_path):
     assert T.train(_config(tmp_path / "b", steps=3), progress=False)["step"] == 3
 
 
-def test_a_teacher_run_folder_is_locked_and_a_nan_loss_stops_it(tmp_path, monkeypatch):
-    from examples.get_distillation import common
+def test_a_teacher_run_folder_is_locked_and_a_nan_loss_stops_it(tmp_path, monkeypatch, hold_lock):
+    from examples.get_distillation import locks
 
-    lock = common.acquire_lock(tmp_path / "t")
-    assert lock is not None
-    (tmp_path / "t" / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # another host's run
-    with pytest.raises(common.FolderLocked, match="process 1 on 'elsewhere'"):
+    holder = hold_lock(tmp_path / "t")
+    with pytest.raises(locks.FolderLocked, match=f"process {holder.pid} on"):
         T.train(_config(tmp_path / "t", steps=1), progress=False)
-    (tmp_path / "t" / ".lock").unlink()
+    assert not (tmp_path / "t" / "checkpoint.pt").exists()
+    holder.kill()
+    holder.wait()
     T.train(_config(tmp_path / "t", steps=1, ckpt_every=1), progress=False)
     before = (tmp_path / "t" / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(T, "edm_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples.get_distillation import common, train
+from examples.get_distillation import checkpoints, locks, runtime, train
+
+from examples.get_distillation import config as cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,8 +66,8 @@ def test_implicit_training_steps_run_and_update_the_student(pair_dir, tmp_path):
         train.train(config, progress=False)
     assert any("implicit backward solve" in str(w.message) for w in caught)
     assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "implicit"))))
-    state = common.load_checkpoint(tmp_path / "implicit" / "checkpoint.pt")
-    common.seed_everything(config.seed)  # as the trainer does before building the student
+    state = checkpoints.load_checkpoint(tmp_path / "implicit" / "checkpoint.pt")
+    runtime.seed_everything(config.seed)  # as the trainer does before building the student
     fresh = train.build_student(config, (1, 8, 8), 10)
     changed = [k for k, v in fresh.state_dict().items() if "blocks" in k and not torch.equal(v, state["model"][k])]
     assert changed
@@ -83,12 +85,12 @@ def test_resume_after_a_kill_continues_the_same_run(pair_dir, tmp_path):
     killed = _config(pair_dir, tmp_path / "killed", ckpt_every=2)
     train.train(killed, progress=False, stop_after=3)   # "killed" after step 3: last checkpoint at step 2
     # the kill lost step 3's checkpoint: rewind the checkpoint as a real kill between saves would
-    state = common.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
     assert state["step"] == 3
     train.train(killed, progress=False)                   # resume to the end
     assert _losses(tmp_path / "killed") == pytest.approx(_losses(tmp_path / "straight"), rel=0, abs=0)
-    a = common.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
-    b = common.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
         assert torch.equal(a["ema"][key], b["ema"][key]), key
@@ -99,7 +101,7 @@ def test_resume_under_a_cosine_schedule_with_clipping_equals_a_straight_run(pair
     train.train(_config(pair_dir, tmp_path / "straight", **kw), progress=False)
     killed = _config(pair_dir, tmp_path / "killed", **kw)
     train.train(killed, progress=False, stop_after=4)   # last checkpoint at step 3
-    state = common.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
     assert state["step"] == 4
     train.train(killed, progress=False)
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")
@@ -152,9 +154,9 @@ def test_a_checkpoint_from_before_a_new_setting_resumes(pair_dir, tmp_path):
     config = _config(pair_dir, tmp_path / "run", steps=2, ckpt_every=1)
     train.train(config, progress=False, stop_after=1)
     path = tmp_path / "run" / "checkpoint.pt"
-    state = common.load_checkpoint(path)
+    state = checkpoints.load_checkpoint(path)
     del state["config"]["grad_clip"], state["config"]["lr_schedule"]  # as written before they existed
-    common.save_checkpoint(path, state)
+    checkpoints.save_checkpoint(path, state)
     assert train.train(config, progress=False)["step"] == 2
 
 
@@ -168,8 +170,8 @@ def test_checkpoints_load_with_weights_only_and_hold_the_config(pair_dir, tmp_pa
     config = _config(pair_dir, tmp_path / "run", steps=2)
     train.train(config, progress=False)
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert state["config"] == common.config_to_dict(config)
-    assert json.loads((tmp_path / "run" / "config.json").read_text()) == common.config_to_dict(config)
+    assert state["config"] == cfg.to_dict(config)
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == cfg.to_dict(config)
     model, loaded = train.load_student(tmp_path / "run" / "checkpoint.pt")
     assert loaded == config and not model.training
 
@@ -185,8 +187,8 @@ def test_ddp_on_two_gloo_processes_matches_one_process(pair_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
-    a = common.load_checkpoint(tmp_path / "single" / "checkpoint.pt")["model"]
-    b = common.load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
+    a = checkpoints.load_checkpoint(tmp_path / "single" / "checkpoint.pt")["model"]
+    b = checkpoints.load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
     for key in a:
         # gradients agree to float rounding (all-reduce sums in another order); Adam's
         # normalised step can turn that into up to ~lr of difference on a near-zero gradient
@@ -214,7 +216,7 @@ def test_bad_settings_are_named(pair_dir, tmp_path):
         train.train(_config(pair_dir, tmp_path / "big", batch=512), progress=False)
     with pytest.raises(ValueError, match="num_pairs 65 exceeds the 64 pairs"):
         train.train(_config(pair_dir, tmp_path / "many", num_pairs=65), progress=False)
-    with pytest.raises(ValueError, match="num_pairs must be"):
+    with pytest.raises(ValueError, match=r"num_pairs \(--num-pairs\): input should be greater than or equal to 1"):
         _config(pair_dir, tmp_path, num_pairs=0).validate()
     with pytest.raises(FileNotFoundError, match="manifest"):
         train.train(_config(tmp_path / "nowhere", tmp_path / "x"), progress=False)
@@ -251,24 +253,33 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(pa
     config = _config(pair_dir, tmp_path / "run", steps=6, ckpt_every=2)
     with pytest.raises(train.TrainingDiverged, match="step 3: the loss is nan.*finite state of step 2"):
         train.train(config, progress=False)
-    state = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in state[part].values())
     lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # strict JSON: no bare NaN
 
 
-def test_weights_that_blow_up_are_never_saved_and_the_cli_exits_non_zero(pair_dir, tmp_path, capsys):
+def test_weights_that_blow_up_are_never_saved_and_the_cli_exits_non_zero(pair_dir, tmp_path, capsys, monkeypatch):
+    from examples.get_distillation import loop
+
+    original, calls = loop._update_ema, []
+
+    def blow_up(ema, model, decay):  # the update of step 3 leaves a weight infinite (a finite loss)
+        calls.append(1)
+        original(ema, model, decay)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(ema.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(loop, "_update_ema", blow_up)
     code = _main("train", "--pairs", str(pair_dir), "--out", str(tmp_path / "run"), "--model", "ViT-Tiny/2",
-                 "--lr", "1e30", "--batch", "16", "--steps", "8", "--ckpt-every", "1", "--log-every", "1",
-                 "--sample-every", "100")
+                 "--batch", "16", "--steps", "8", "--ckpt-every", "1", "--log-every", "1", "--sample-every", "100")
     assert code == 1
     err = capsys.readouterr().err
-    assert "error: train: step" in err and ("no longer finite" in err or "the loss is" in err), err[-500:]
-    path = tmp_path / "run" / "checkpoint.pt"
-    if path.exists():  # whatever was saved is finite
-        state = common.load_checkpoint(path)
-        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert "error: train: step 3: the weights are no longer finite" in err and "finite state of step 2" in err, err
+    state = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["ema"].values())
     for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
 
@@ -276,7 +287,7 @@ def test_weights_that_blow_up_are_never_saved_and_the_cli_exits_non_zero(pair_di
 @pytest.mark.parametrize("lr", ["inf", "nan"])
 def test_a_non_finite_lr_is_refused(pair_dir, tmp_path, capsys, lr):
     assert _main("train", "--pairs", str(pair_dir), "--out", str(tmp_path), "--lr", lr, "--dry-run") == 1
-    assert f"lr must be a finite number, got {lr}" in capsys.readouterr().err
+    assert f"lr (--lr): input should be a finite number, got {lr}" in capsys.readouterr().err
 
 
 def test_rerunning_a_finished_run_is_a_no_op(pair_dir, tmp_path, capsys):
@@ -304,7 +315,7 @@ def test_checkpoints_record_the_data_and_load_without_the_pair_folder(tmp_path, 
 
     pairs_dir = tiny_pairs(tmp_path / "p", 32)
     train.train(_config(pairs_dir, tmp_path / "run", steps=1, batch=8), progress=False)
-    state = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     from examples.get_distillation.pairs import PairDataset
 
     assert state["data"] == PairDataset(pairs_dir).provenance()
@@ -331,39 +342,59 @@ def test_resume_names_pairs_of_another_image_size(tmp_path, tiny_pairs):
     config = _config(pairs_dir, tmp_path / "run", steps=2, batch=8)
     train.train(config, progress=False, stop_after=1)
     manifest = json.loads((pairs_dir / "manifest.json").read_text())
-    state = common.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     state["data"]["image_shape"] = [1, 16, 16]  # as if the pairs had been made for other images
-    common.save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    checkpoints.save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
     with pytest.raises(ValueError, match=r"images \(1, 8, 8\) with 10 classes, but .* trained on \(1, 16, 16\)"):
         train.train(config, progress=False)
     assert manifest["arrays"]["noise"]["shape"] == [1, 8, 8]
 
 
-def test_a_run_folder_being_trained_is_locked(pair_dir, tmp_path):
-    (tmp_path / "run").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        pid = int(holder.stdout.readline())
-        (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": pid, "host": __import__("socket").gethostname()}))
-        with pytest.raises(common.FolderLocked, match=f"process {pid}"):
-            train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
-    assert train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)["step"] == 1  # stale now
+def test_a_run_folder_being_trained_is_locked(pair_dir, tmp_path, hold_lock):
+    holder = hold_lock(tmp_path / "run")
+    with pytest.raises(locks.FolderLocked, match=f"process {holder.pid}"):
+        train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)
+    holder.kill()
+    holder.wait()
+    assert train.train(_config(pair_dir, tmp_path / "run", steps=1), progress=False)["step"] == 1  # free now
 
 
 def test_a_checkpoint_written_before_provenance_still_resumes_and_loads(pair_dir, tmp_path):
     config = _config(pair_dir, tmp_path / "run", steps=2, ckpt_every=1)
     train.train(config, progress=False, stop_after=1)
     path = tmp_path / "run" / "checkpoint.pt"
-    state = common.load_checkpoint(path)
+    state = checkpoints.load_checkpoint(path)
     for key in ("data", "student", "format"):  # as written before checkpoints described themselves
         del state[key]
-    common.save_checkpoint(path, state)
+    checkpoints.save_checkpoint(path, state)
     model, _ = train.load_student(path)  # learns the image shape from the pair folder
     assert model(torch.zeros(1, 1, 8, 8), torch.tensor([3])).images.shape == (1, 1, 8, 8)
     assert train.train(config, progress=False)["step"] == 2
-    assert "data" in common.load_checkpoint(path)  # and now records its data
+    assert "data" in checkpoints.load_checkpoint(path)  # and now records its data
+
+
+def test_a_resumed_run_cuts_its_log_back_to_its_checkpoint(pair_dir, tmp_path):
+    # a kill after a log line but before the next checkpoint: the resumed run redoes those
+    # steps, and its log holds each step once, as an uninterrupted run's does
+    train.train(_config(pair_dir, tmp_path / "straight", steps=4), progress=False)
+    config = _config(pair_dir, tmp_path / "run", steps=4, ckpt_every=2)
+    train.train(config, progress=False, stop_after=2)
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")  # logged, then killed before step 4's checkpoint
+    train.train(config, progress=False)
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
+
+
+def test_the_ema_follows_its_decay(pair_dir, tmp_path):
+    config = _config(pair_dir, tmp_path / "run", steps=1, ema_decay=0.9)
+    train.train(config, progress=False)
+    state = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    runtime.seed_everything(config.seed)  # the initial weights, as the trainer builds them
+    initial = train.build_student(config, (1, 8, 8), 10).state_dict()
+    moved = 0
+    for name, ema in state["ema"].items():
+        if ema.is_floating_point() and name in dict(train.build_student(config, (1, 8, 8), 10).named_parameters()):
+            expected = initial[name] + 0.1 * (state["model"][name] - initial[name])  # one step of decay 0.9
+            torch.testing.assert_close(ema, expected, rtol=1e-5, atol=1e-6)
+            moved += not torch.equal(state["model"][name], initial[name])
+    assert moved > 0
