@@ -851,3 +851,104 @@ def test_get_style_transformer_trains_unchanged():
     theirs, ours = both(run)
     assert len(ours[1]) == 6
     assert_same(ours, theirs)
+
+
+# torchdeq's module paths that programs import from (DEQ-Flow's `torchdeq.utils.layer_utils`,
+# scripts importing `torchdeq.solver.broyden` or `torchdeq.solver.stat`), with the names each holds
+MODULE_PATHS = {
+    "core": ["get_deq", "reset_deq", "register_deq", "DEQSliced", "DEQIndexing"],
+    "dropout": ["VariationalDropout", "VariationalDropout2d", "VariationalDropToken1d", "reset_dropout"],
+    "grad": ["backward_factory", "make_pair"],
+    "loss": ["fp_correction", "jac_reg", "power_method", "register_weight_func"],
+    "loss.correction": ["fp_correction", "register_weight_func"],
+    "loss.jacobian": ["jac_reg", "power_method"],
+    "norm": ["apply_norm", "register_norm", "register_norm_module", "remove_norm", "reset_norm"],
+    "norm.base_norm": ["apply_norm", "reset_norm", "remove_norm", "register_norm", "register_norm_module"],
+    "norm.spectral_norm": ["SpectralNorm"],
+    "norm.weight_norm": ["WeightNorm"],
+    "solver": ["register_solver", "get_solver", "solver_stat_from_final_step", "anderson_solver", "broyden_solver"],
+    "solver.anderson": ["anderson_solver"],
+    "solver.broyden": ["broyden_solver"],
+    "solver.fp_iter": ["fixed_point_iter", "simple_fixed_point_iter"],
+    "solver.stat": ["SolverStat"],
+    "utils": ["add_deq_args", "mem_gc", "mixed_init"],
+    "utils.arg_utils": ["add_deq_args"],
+    "utils.config": ["DEQConfig"],
+    "utils.init": ["mixed_init"],
+    "utils.layer_utils": ["DEQWrapper", "MDEQWrapper", "SpeedyMDEQWrapper", "deq_decorator"],
+    "utils.mem": ["mem_gc"],
+}
+
+
+def test_torchdeq_module_paths_import_in_a_fresh_interpreter():
+    """`from torchdeq.<path> import <name>` works with the prefix changed, as a program's first
+    import (nothing of the layer loaded before it) and as `import a.b.c` attribute access."""
+    code = ""
+    for path, names in MODULE_PATHS.items():
+        code += (f"from deqkit.compat.torchdeq.{path} import {', '.join(names)}\n"
+                 f"import deqkit.compat.torchdeq.{path}\n"
+                 f"assert deqkit.compat.torchdeq.{path}.{names[0]} is {names[0]}\n")
+    for path in ("loss.correction", "utils.layer_utils", "solver.broyden"):  # each first in its own interpreter
+        first = f"from deqkit.compat.torchdeq.{path} import {MODULE_PATHS[path][0]}\n"
+        done = subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_module_paths_hold_torchdeqs_public_names():
+    """Every torchdeq 0.1.0 module path has a twin here holding the names torchdeq's declares
+    (its ``__all__``, else the functions and classes defined there); only the solver's private
+    helper file ``torchdeq.solver.utils`` has none (docs/migrating.md)."""
+    import importlib
+    import inspect
+    import pkgutil
+    torchdeq = pytest.importorskip("torchdeq")
+    seen = set()
+    for info in pkgutil.walk_packages(torchdeq.__path__, "torchdeq."):
+        path = info.name.split(".", 1)[1]
+        if path == "solver.utils":
+            continue
+        theirs = importlib.import_module(info.name)
+        names = getattr(theirs, "__all__", None) or [
+            n for n, v in vars(theirs).items()
+            if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v)) and v.__module__ == info.name]
+        ours = importlib.import_module(f"deqkit.compat.torchdeq.{path}")
+        assert [n for n in names if not hasattr(ours, n)] == [], path
+        seen.add(path)
+    assert seen == set(MODULE_PATHS)
+
+
+def test_state_wrappers_as_torchdeq_builds_them():
+    """deq_decorator: a tensor state stays a tensor; a list stays a list with ``no_stat``
+    (SpeedyMDEQWrapper, each state damped on its own) and becomes one flattened vector without
+    it (MDEQWrapper, split back by vec2list); calls, detach and norm_diff as torchdeq's."""
+    gen = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 3, generator=gen, dtype=F64), torch.randn(2, 2, 2, generator=gen, dtype=F64)]
+    cell = lambda a, b: [torch.tanh(a) + 1.0, 0.5 * b]  # noqa: E731
+
+    def run(layer):
+        out = {}
+        for no_stat in (True, False):
+            wrapper, z = layer.deq_decorator(cell, [s.clone() for s in states], no_stat=no_stat)
+            moved = wrapper(z, tau=0.5)
+            out[no_stat] = dict(kind=type(wrapper).__name__, z=list(z) if no_stat else z,
+                                full=wrapper(z), damped=moved, back=z if no_stat else wrapper.vec2list(z),
+                                diff=wrapper.norm_diff(moved, z), parts=wrapper.norm_diff(moved, z, show_list=True),
+                                detached=wrapper.detach(z))
+        single, z = layer.deq_decorator(torch.tanh, states[0])
+        out["tensor"] = dict(kind=type(single).__name__, z=z, damped=single(z, tau=0.25))
+        return out
+
+    ours = run(compat.utils)
+    assert ours[True]["kind"] == "SpeedyMDEQWrapper" and ours[False]["kind"] == "MDEQWrapper"
+    assert ours["tensor"]["kind"] == "DEQWrapper"
+    assert torch.equal(ours[True]["damped"][1], 0.5 * 0.5 * states[1] + 0.5 * states[1])
+    assert ours[False]["z"].shape == (2, 7) and torch.equal(ours[False]["back"][1], states[1])
+    assert ours[True]["diff"] == pytest.approx(sum(ours[True]["parts"]))
+    assert torch.equal(ours["tensor"]["damped"], 0.25 * torch.tanh(states[0]) + 0.75 * states[0])
+    torchdeq = pytest.importorskip("torchdeq")
+    from torchdeq.utils import layer_utils
+    theirs = run(layer_utils)
+    for key in ours:
+        assert ours[key]["kind"] == theirs[key]["kind"], key
+        assert_same({k: v for k, v in ours[key].items() if k != "kind"},
+                    {k: v for k, v in theirs[key].items() if k != "kind"})

@@ -8,6 +8,9 @@ what it crashes on or silently gets wrong raises or is fixed, the message naming
 would have done. docs/migrating.md lists every difference.
 """
 
+import sys as _sys
+
+from . import loss as _loss, norm as _norm, solver as _solver, utils as _utils
 from .core import DEQBase, DEQIndexing, DEQSliced, get_deq, register_deq, reset_deq
 from .dropout import (VariationalDropout, VariationalDropout1d, VariationalDropout2d, VariationalDropout3d,
                       VariationalDropToken1d, VariationalDropToken2d, VariationalDropToken3d, reset_dropout)
@@ -25,3 +28,13 @@ __all__ = [
     "VariationalDropout1d", "VariationalDropout2d", "VariationalDropout3d", "VariationalDropToken1d",
     "VariationalDropToken2d", "VariationalDropToken3d", "reset_dropout",
 ]
+
+# torchdeq splits some modules in files that programs import by path (``from
+# torchdeq.utils.layer_utils import MDEQWrapper``, ``from torchdeq.solver.broyden import
+# broyden_solver``): each of those paths names the one module here that holds its functions.
+_FILES = {_solver: ("anderson", "broyden", "fp_iter", "stat"), _norm: ("base_norm", "spectral_norm", "weight_norm"),
+          _loss: ("correction", "jacobian"), _utils: ("arg_utils", "config", "init", "layer_utils")}
+for _module, _files in _FILES.items():
+    for _file in _files:
+        _sys.modules[f"{_module.__name__}.{_file}"] = _module
+        setattr(_module, _file, _module)

@@ -75,7 +75,8 @@ class DEQBase(nn.Module):
 
     def _begin(self, func, z_init, solver_kwargs, kwargs):
         ignored("the DEQ call", kwargs, ("func", "z_init", "solver_kwargs", "sradius_mode", "backward_writer"))
-        deq_func, z = deq_decorator(func, z_init, no_stat=self.no_stat)
+        # states are one flattened vector whatever no_stat says (same numbers; torchdeq's list path fails on hook_ift)
+        deq_func, z = deq_decorator(func, z_init, no_stat=False)
         return deq_func, z, {} if solver_kwargs is None else solver_kwargs
 
     def _eval(self, deq_func, z, solver_kwargs, sradius_mode, sradius_device=None, **indexing):

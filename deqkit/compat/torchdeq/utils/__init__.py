@@ -17,7 +17,7 @@ import torch
 
 from .mem import mem_gc
 
-__all__ = ["add_deq_args", "mem_gc", "mixed_init", "DEQConfig", "DEQWrapper", "MDEQWrapper", "deq_decorator",
+__all__ = ["add_deq_args", "mem_gc", "mixed_init", "DEQConfig", "DEQWrapper", "MDEQWrapper", "SpeedyMDEQWrapper", "deq_decorator",
            "TorchDEQCompatWarning"]
 
 _SOLVERS = ["anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter"]
@@ -175,13 +175,29 @@ class MDEQWrapper(DEQWrapper):
         return (z_new - z_old).norm(p=1).item()
 
 
+class SpeedyMDEQWrapper(DEQWrapper):
+    """``f(*states)`` on the list of states itself (no flattening): ``tau`` damps each state."""
+
+    def detach(self, z_list):  # type: ignore[override]
+        return [z.detach() for z in z_list]
+
+    def __call__(self, z_list, tau=1.0):  # type: ignore[override]
+        return [self.damp(out, z, tau) for out, z in zip(self.func(*z_list), z_list)]
+
+    def norm_diff(self, z_new, z_old, show_list=False):  # type: ignore[override]
+        diff = [(a - b).norm(p=1).item() for a, b in zip(z_new, z_old)]
+        return diff if show_list else np.sum(diff)
+
+
 def deq_decorator(func, z_init=None, no_stat=True):
-    """``(wrapper, state)`` for a tensor ``z_init``, or for a list/tuple of tensors seen as one
-    flattened vector (torchdeq keeps a list with ``no_stat``; the numbers are the same)."""
+    """``(wrapper, state)``: for a tensor ``z_init`` the tensor; for a list/tuple of tensors the list
+    itself (``no_stat``, ``SpeedyMDEQWrapper``) or one flattened vector (``MDEQWrapper``)."""
     if torch.is_tensor(z_init):
         return DEQWrapper(func, z_init), z_init
     if not isinstance(z_init, (list, tuple)) or not all(torch.is_tensor(z) for z in z_init):
         raise TypeError(f"z_init must be a tensor or a list/tuple of tensors, got {type(z_init).__name__} "
                         "(torchdeq fails with an AssertionError)")
+    if no_stat:
+        return SpeedyMDEQWrapper(func, z_init), z_init
     wrapper = MDEQWrapper(func, z_init)
     return wrapper, wrapper.list2vec(z_init)
