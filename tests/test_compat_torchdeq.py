@@ -10,11 +10,13 @@ programs' patterns are in test_compat_clients.py, the random flag sweep in test_
 from __future__ import annotations
 
 import argparse
+import warnings
 import copy
 import io
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -952,3 +954,108 @@ def test_state_wrappers_as_torchdeq_builds_them():
         assert ours[key]["kind"] == theirs[key]["kind"], key
         assert_same({k: v for k, v in ours[key].items() if k != "kind"},
                     {k: v for k, v in theirs[key].items() if k != "kind"})
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("core", ["sliced", "indexing"])
+def test_numpy_and_tensor_numbers_run_as_in_torchdeq(core, train):
+    """Options read from numpy arrays or tensors (`np.int64`, `torch.tensor(8)`, `np.float32`) run
+    as torchdeq runs them; so does `n_states=True` (one state) and `indexing=None` beside
+    `n_states > 1` (a YAML `indexing: null`: torchdeq reads no indexing then)."""
+    flags = dict(core=core, f_solver="anderson", f_max_iter=np.int64(8), f_tol=torch.tensor(1e-9, dtype=F64),
+                 n_states=np.int64(2), indexing=None, ift=True, b_max_iter=torch.tensor(7), grad=2)
+    with warnings.catch_warnings():  # (the budget's warning: the next test)
+        warnings.simplefilter("ignore", TorchDEQCompatWarning)
+        theirs, ours = both(lambda lib: run_layer(lib, "mlp", flags, train, solver_kwargs={"f_max_iter": np.int64(6)}))
+    assert_same(ours, theirs)
+    theirs, ours = both(lambda lib: run_layer(lib, "mlp", dict(core=core, f_max_iter=6, n_states=True), train))
+    assert_same(ours, theirs)
+
+
+def test_a_budget_that_is_not_a_python_number_is_ignored_in_training_with_a_warning():
+    """torchdeq's training cuts its supervised steps from solver_kwargs['f_max_iter'] only when it
+    is an int or a float: a numpy or tensor budget gives the configured cuts, with a warning here."""
+    flags = dict(f_solver="fixed_point_iter", f_max_iter=10, n_states=2, f_tol=1e-12)
+    budget = {"f_max_iter": torch.tensor(4)}
+    with pytest.warns(TorchDEQCompatWarning, match=r"pass int\(tensor\(4\)\)"):
+        theirs, ours = both(lambda lib: run_layer(lib, "mlp", flags, True, solver_kwargs=budget))
+    assert_same(ours, theirs)
+    assert_same(ours, run_layer(compat, "mlp", flags, True))  # the configured cuts of 10, not of 4
+
+
+def test_custom_cores_override_torchdeqs_methods():
+    """A core derived the way torchdeq's docs suggest: an overridden `_solve_fixed_point` is the one
+    called, and `_sradius` is there for a `DEQBase` subclass of one's own."""
+    def program(lib):
+        calls = []
+
+        class Logged(lib.core.DEQSliced):
+            def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
+                calls.append(f_max_iter)
+                return super()._solve_fixed_point(deq_func, z_init, f_max_iter=f_max_iter, solver_kwargs=solver_kwargs)
+
+        class Plain(lib.core.DEQBase):
+            def forward(self, func, z, solver_kwargs=None, **kwargs):
+                z_star, _, info = self.f_solver(func, z, max_iter=self.f_max_iter, tol=self.f_tol, stop_mode="abs")
+                return z_star, info, self._sradius(func, z_star)
+
+        model, x, z0, _ = build("mlp")
+        Logged(f_max_iter=6, n_states=2).train()(lambda z: model(z, x), z0)
+        value, info, radius = Plain(f_max_iter=7)(lambda z: model(z, x), z0)
+        return calls, value, info, radius
+
+    theirs, ours = both(program)
+    assert ours[0] == [3, 3]
+    assert_same(ours, theirs)
+
+
+def test_a_normalised_weight_assigned_or_written_in_place_is_used_until_the_next_reset():
+    """IGNN assigns a projection of its normalised weight after each reset_norm and uses it; weight
+    clipping writes into it in place: torchdeq uses either until the next reset_norm, so does the
+    layer (the assignment keeps its graph to the parameters)."""
+    def program(lib):
+        torch.manual_seed(0)
+        lin = nn.Linear(3, 3).double()
+        lib.apply_norm(lin, "weight_norm")
+        x, out = torch.randn(2, 3, dtype=F64), []
+        for step in range(2):
+            lib.reset_norm(lin)
+            lin.weight = 0.5 * lin.weight / lin.weight.abs().sum(1, keepdim=True)
+            out.append(lin(x))
+            lib.reset_norm(lin)
+            with torch.no_grad():
+                lin.weight.clamp_(-0.1, 0.1)
+            out.append(lin(x))
+        sum(o.sum() for o in out).backward()
+        lib.reset_norm(lin)
+        out.append(lin(x))  # the writes are gone after the reset
+        return [o.detach() for o in out], grads(lin)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TorchDEQCompatWarning)
+        theirs, ours = both(program)
+    assert_same(ours, theirs)
+    assert not torch.allclose(ours[0][0], ours[0][1])
+
+
+def test_hook_ift_with_jac_reg_on_the_output():
+    """deq-seq's `jac_reg(deq_func(z), z)` on the output of a hook_ift DEQ: the hook fires inside that
+    gradient. Without create_graph the estimate is torchdeq's and the loss keeps its IFT gradient
+    (torchdeq's hook removes itself there, leaving a one-step one); with create_graph it raises
+    naming the case and ift=True."""
+    def program(lib, regularise, create_graph=False):
+        model, x, z0, y = build("mlp")
+        deq = lib.get_deq(f_max_iter=10, hook_ift=True, b_max_iter=20, f_tol=1e-10, b_tol=1e-10).train()
+        z_out, _ = deq(lambda z: model(z, x), z0)
+        torch.manual_seed(5)
+        jac = lib.jac_reg(model(z_out[-1], x), z_out[-1], create_graph=create_graph) if regularise else None
+        (z_out[-1] - y).pow(2).sum().backward()
+        return jac, grads(model)
+
+    theirs, ours = both(lambda lib: program(lib, True))
+    assert_same(ours[0], theirs[0])
+    alone = program(compat, False)[1]
+    assert_same(ours[1], alone)
+    assert worst_difference(theirs[1], alone) > 1e-3  # torchdeq's loss lost its IFT gradient
+    with pytest.raises(RuntimeError, match=r"jac_reg\(deq_func\(z\), z\).*use ift=True"):
+        program(compat, True, create_graph=True)

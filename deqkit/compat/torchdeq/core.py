@@ -39,7 +39,11 @@ def run(fn, func, x0, **kwargs):
 
 
 def _number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A numeric option as a Python number: numpy scalars and one-element tensors pass, as torchdeq
+    uses them too (a bool counts as 0 or 1, as in torchdeq)."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()
+    if not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r} (torchdeq fails using it)")
     return value
 
@@ -68,9 +72,19 @@ class DEQBase(nn.Module):
         self.eval_f_max_iter = eval_f_max_iter if eval_f_max_iter > 0 else int(self.f_max_iter * eval_factor)
         self.hook = None
 
-    def _solve(self, deq_func, z, max_iter, solver_kwargs, **indexing):
+    def _sradius(self, deq_func, z_star):
+        """The spectral radius of f's Jacobian at ``z_star`` by 100 power iterations (torchdeq's)."""
+        with torch.enable_grad():
+            new_z_star = deq_func(z_star.requires_grad_())
+        return power_method(new_z_star, z_star, n_iters=100)[1]
+
+    def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
+        """A core's solve (each core defines it; a subclass may override it, as in torchdeq)."""
+        raise NotImplementedError
+
+    def _run(self, deq_func, z_init, f_max_iter, solver_kwargs, **indexing):
         options = {k: v for k, v in solver_kwargs.items() if k != "f_max_iter"}
-        return run(self.f_solver, deq_func, z, max_iter=max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode,
+        return run(self.f_solver, deq_func, z_init, max_iter=f_max_iter, tol=self.f_tol, stop_mode=self.f_stop_mode,
                    **indexing, **options)
 
     def _begin(self, func, z_init, solver_kwargs, kwargs):
@@ -79,15 +93,8 @@ class DEQBase(nn.Module):
         deq_func, z = deq_decorator(func, z_init, no_stat=False)
         return deq_func, z, {} if solver_kwargs is None else solver_kwargs
 
-    def _eval(self, deq_func, z, solver_kwargs, sradius_mode, sradius_device=None, **indexing):
-        max_iter = solver_kwargs.get("f_max_iter", self.eval_f_max_iter)
-        z_star, _, info = self._solve(deq_func, z, max_iter, solver_kwargs, **indexing)
-        if sradius_mode:
-            with torch.enable_grad():
-                new_z_star = deq_func(z_star.requires_grad_())
-            info["sradius"] = power_method(new_z_star, z_star, n_iters=100)[1]
-        else:
-            info["sradius"] = torch.zeros(1, device=sradius_device)
+    def _eval_out(self, deq_func, z_star, info, sradius_mode, sradius_device=None):
+        info["sradius"] = self._sradius(deq_func, z_star) if sradius_mode else torch.zeros(1, device=sradius_device)
         return [deq_func.vec2list(z_star)], info
 
 
@@ -118,13 +125,23 @@ class _Graph(DEQBase):
 
     def _states(self):
         n_states = self.args.get("n_states", self.arg_n_states)
-        if isinstance(n_states, bool) or not isinstance(n_states, int):
+        n_states = _number("n_states", n_states)
+        if not isinstance(n_states, int):
             raise ValueError(f"n_states must be an integer, got {n_states!r} (torchdeq fails using it)")
-        return n_states, list(self.args.get("indexing", self.arg_indexing))
+        if n_states > 1:  # torchdeq reads no indexing then (a YAML `indexing: null` passes)
+            return int(n_states), []
+        indexing = self.args.get("indexing", self.arg_indexing)
+        return int(n_states), [] if indexing is None else list(indexing)
 
     def _budget(self, solver_kwargs):
         budget = solver_kwargs.get("f_max_iter")
-        return self._compute_f_iter(budget) if type(budget) in (int, float) else self.indexing
+        if type(budget) in (int, float):
+            return self._compute_f_iter(budget)
+        if budget is not None:
+            warn_once(f"solver_kwargs['f_max_iter'] = {budget!r} is not a Python int or float, so torchdeq's "
+                      "training cuts its supervised steps from the configured f_max_iter, and so does this layer "
+                      f"(pass int({budget!r}) to use it)")
+        return self.indexing
 
 
 class DEQSliced(_Graph):
@@ -142,13 +159,20 @@ class DEQSliced(_Graph):
                              f"f_max_iter (torchdeq would run segments of {segments} iterations, a negative one as none)")
         return segments
 
+    def _solve_fixed_point(self, deq_func, z_init, f_max_iter=None, solver_kwargs=None, **kwargs):
+        """One segment's solve, without a graph: ``(z_star, info)``."""
+        z_star, _, info = self._run(deq_func, z_init, f_max_iter, solver_kwargs)
+        return z_star, info
+
     def forward(self, func, z_star, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         deq_func, z_star, solver_kwargs = self._begin(func, z_star, solver_kwargs, kwargs)
         if not self.training:
-            return self._eval(deq_func, z_star, solver_kwargs, sradius_mode)
+            max_iter = solver_kwargs.get("f_max_iter", self.eval_f_max_iter)
+            z_star, info = self._solve_fixed_point(deq_func, z_star, f_max_iter=max_iter, solver_kwargs=solver_kwargs)
+            return self._eval_out(deq_func, z_star, info, sradius_mode)
         z_out = []
         for max_iter, produce in zip(self._budget(solver_kwargs), self.produce_grad):
-            z_star, _, info = self._solve(deq_func, z_star, max_iter, solver_kwargs)
+            z_star, info = self._solve_fixed_point(deq_func, z_star, f_max_iter=max_iter, solver_kwargs=solver_kwargs)
             z_out += produce(self, deq_func, deq_func.detach(z_star), writer=backward_writer)
             z_star = z_out[-1]  # the next segment resumes from the functor's output
         return [deq_func.vec2list(z) for z in z_out], info
@@ -172,12 +196,21 @@ class DEQIndexing(_Graph):
                              "(torchdeq would never sample the others and drop their gradient functors)")
         return [*indexing, f_max_iter]
 
+    # torchdeq's signature (indexing before solver_kwargs)
+    def _solve_fixed_point(  # type: ignore[override]
+            self, deq_func, z_init, f_max_iter=None, indexing=None, solver_kwargs=None, **kwargs):
+        """One solve, without a graph: ``(z_star, states at indexing (training only), info)``."""
+        return self._run(deq_func, z_init, f_max_iter, solver_kwargs, indexing=indexing if self.training else None)
+
     def forward(self, func, z_init, solver_kwargs=None, sradius_mode=False, backward_writer=None, **kwargs):
         deq_func, z_init, solver_kwargs = self._begin(func, z_init, solver_kwargs, kwargs)
         if not self.training:
-            return self._eval(deq_func, z_init, solver_kwargs, sradius_mode, z_init.device, indexing=None)
+            max_iter = solver_kwargs.get("f_max_iter", self.eval_f_max_iter)
+            z_star, _, info = self._solve_fixed_point(deq_func, z_init, f_max_iter=max_iter, solver_kwargs=solver_kwargs)
+            return self._eval_out(deq_func, z_star, info, sradius_mode, z_star.device)
         max_iter = solver_kwargs.get("f_max_iter", self.f_max_iter)
-        _, states, info = self._solve(deq_func, z_init, max_iter, solver_kwargs, indexing=self._budget(solver_kwargs))
+        _, states, info = self._solve_fixed_point(deq_func, z_init, f_max_iter=max_iter,
+                                                  indexing=self._budget(solver_kwargs), solver_kwargs=solver_kwargs)
         if len(states) < len(self.produce_grad):
             warn_once("core='indexing': the solve stopped before a sampled step (or, with anderson, the step was "
                       "1 or 2, which it never samples), so fewer states come back than asked for and the "

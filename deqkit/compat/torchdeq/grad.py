@@ -18,7 +18,11 @@ __all__ = ["backward_factory"]
 
 _SECOND_ORDER = ("second derivatives through implicit differentiation (ift=True / hook_ift=True) are not available: "
                  "the adjoint solve has no derivative of its own, so torchdeq silently returns a partial one. Use "
-                 "phantom gradients (ift=False, grad=k), or deqkit's backward=deqkit.Unrolled() for exact ones.")
+                 "phantom gradients (ift=False, grad=k), or deqkit's backward=deqkit.Unrolled() for exact ones. "
+                 "With hook_ift this also happens when a differentiable gradient is taken with respect to the DEQ's "
+                 "output, e.g. jac_reg(deq_func(z), z) with create_graph=True: the hook fires there (torchdeq then "
+                 "IFT-corrects the Jacobian estimate and removes its hook, leaving the loss a one-step gradient); "
+                 "use ift=True, whose correction stays out of such gradients.")
 
 
 def make_pair(target, source):

@@ -116,27 +116,38 @@ class _Norm:
         graph), reused until a reset, a change of the parameters, or a backward pass through it."""
         entry = module.__dict__.get("_deq_w_" + name)  # (w, its version, a copy, the parameters' stamp, used)
         if entry is not None:
-            if not entry[4] and entry[0]._version == entry[1] and entry[3] == self._stamp(module, name):
+            written = entry[0]._version != entry[1]  # an in-place write: used until the next reset, as in torchdeq
+            if not entry[4] and entry[3] == self._stamp(module, name) and (not written or self.keeps_writes()):
                 return entry[0]
             self.flush(module, name)
         inference = torch.is_inference_mode_enabled()
         with contextlib.nullcontext() if inference else torch.enable_grad():
             w = self.compute(module, name, self.dims[self.names.index(name)])
         if not inference:
-            used: list = []
-            if w.requires_grad:
-                w.register_hook(lambda grad: used.append(True))  # its graph is gone after this backward
-            module.__dict__["_deq_w_" + name] = (w, w._version, w.detach().clone(), self._stamp(module, name), used)
+            self._hand_out(module, name, w)
         return w
+
+    def _hand_out(self, module, name, w):
+        used: list = []
+        if w.requires_grad:
+            w.register_hook(lambda grad: used.append(True))  # its graph is gone after this backward
+        module.__dict__["_deq_w_" + name] = (w, w._version, w.detach().clone(), self._stamp(module, name), used)
+
+    def keeps_writes(self):
+        """Whether an in-place write into the weight handed out stays in it until the next reset."""
+        return True
 
     def _stamp(self, module, name):  # the tensors the weight is computed from, as they are now
         return [(id(t), t.dtype, t.device, t._version) for k, t in [*module._parameters.items(), *module._buffers.items()]
                 if k.startswith(name + "_") and t is not None]
 
     def assigned(self, module, name, value):
-        """``module.name = value``: a write of ``value``."""
+        """``module.name = value``: ``value`` (with its graph) is the weight until the next reset,
+        as torchdeq's attribute is (IGNN projects its weight so after each ``reset_norm``)."""
         self.flush(module, name)
-        self.written(module, name, value.detach())
+        if not torch.is_tensor(value):
+            raise TypeError(f"{type(module).__name__}.{name} must be a tensor, got {type(value).__name__}")
+        self._hand_out(module, name, value)
 
     def flush(self, module, *names):
         """Forget the weights handed out (all, or ``names``), acting on writes into them since."""
@@ -211,6 +222,9 @@ class SpectralNorm(_Norm):
         weight = getattr(module, name + "_orig")
         u, v = getattr(module, name + "_u").clone(), getattr(module, name + "_v").clone()
         return weight * self._scale(module, name, torch.dot(u, torch.mv(_matrix(weight, dim), v)))
+
+    def keeps_writes(self):  # torchdeq's weight is weight_orig's data until the first reset_norm
+        return self.resets > 0
 
     def written(self, module, name, value):
         if self.resets:

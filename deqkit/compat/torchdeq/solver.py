@@ -9,6 +9,8 @@ value and ``info``) and an option a solver does not read is ignored (here with a
 
 from __future__ import annotations
 
+import operator
+
 import difflib
 
 import torch
@@ -103,18 +105,23 @@ class _Record:
 
 
 def _check(name, max_iter, stop_mode, options, known):
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
-        raise TypeError(f"{name}: max_iter must be an integer, got {max_iter!r} (torchdeq fails on it too)")
+    """``max_iter`` as a Python int (numpy and one-element tensor integers pass, as in torchdeq's
+    ``range``); the stop mode checked; options no solver reads warned about."""
+    try:
+        max_iter = operator.index(max_iter)
+    except TypeError:
+        raise TypeError(f"{name}: max_iter must be an integer, got {max_iter!r} (torchdeq fails on it too)") from None
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"{name}: stop_mode must be 'abs' or 'rel', got {stop_mode!r} (torchdeq fails with a KeyError)")
     ignored(f"torchdeq's {name}", sorted(set(options) - {"tol", "stop_mode"} if name.startswith("simple") else options), known)
+    return max_iter
 
 
 def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0, return_final=False,
                      **options):
     """Fixed-point iteration ``x <- tau f(x) + (1 - tau) x``; returns the lowest-residual image
     (the last with ``return_final``, which also runs every step)."""
-    _check("fixed_point_iter", max_iter, stop_mode, options, ("tau", "return_final", "indexing"))
+    max_iter = _check("fixed_point_iter", max_iter, stop_mode, options, ("tau", "return_final", "indexing"))
     record = _Record(x0.shape[0] if x0.dim() >= 2 else x0.nelement(), x0.device, stop_mode, return_final, tol, indexing)
     best, fx = x0, x0
     for k in range(max_iter):
@@ -131,7 +138,7 @@ def fixed_point_iter(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=
 def simple_fixed_point_iter(func, x0, max_iter=50, tau=1.0, indexing=None, **options):
     """Exactly ``max_iter`` steps ``func(x, tau=tau)``, the last image returned; ``info`` holds
     the last step's residual only (``tol`` and ``stop_mode`` are accepted and not used)."""
-    _check("simple_fixed_point_iter", max_iter, "abs", options, ("tau", "indexing"))
+    max_iter = _check("simple_fixed_point_iter", max_iter, "abs", options, ("tau", "indexing"))
     states, x, fx = [], x0, x0
     for k in range(max_iter):
         x = fx
@@ -146,7 +153,7 @@ def anderson_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=N
     """Anderson acceleration: two plain steps fill the history, then each step mixes the last
     ``min(k, m)`` images with least-squares weights regularised by the absolute ``lam``.
     Residuals are recorded from the third call of func on (steps 1 and 2 are never sampled)."""
-    _check("anderson", max_iter, stop_mode, options, ("m", "lam", "tau", "return_final", "indexing"))
+    max_iter = _check("anderson", max_iter, stop_mode, options, ("m", "lam", "tau", "return_final", "indexing"))
     if isinstance(m, bool) or not isinstance(m, int) or m < 2:
         raise ValueError(f"anderson: m must be an integer >= 2, got {m!r} (torchdeq fails indexing its history)")
 
@@ -242,7 +249,7 @@ def broyden_solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=No
     its image). ``ls=True`` scales each step by an Armijo search. Like torchdeq it also stops
     after 30 steps when the worst residual is below ``3 tol`` and, at each of the last 30 steps,
     the samples' residuals are within a factor 1.3 of one another."""
-    _check("broyden", max_iter, stop_mode, options, ("LBFGS_thres", "ls", "return_final", "indexing"))
+    max_iter = _check("broyden", max_iter, stop_mode, options, ("LBFGS_thres", "ls", "return_final", "indexing"))
     x_est = _flat(x0)
     batch, dim = x_est.shape
 

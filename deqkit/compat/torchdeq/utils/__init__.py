@@ -178,10 +178,10 @@ class MDEQWrapper(DEQWrapper):
 class SpeedyMDEQWrapper(DEQWrapper):
     """``f(*states)`` on the list of states itself (no flattening): ``tau`` damps each state."""
 
-    def detach(self, z_list):  # type: ignore[override]
+    def detach(self, z_list):
         return [z.detach() for z in z_list]
 
-    def __call__(self, z_list, tau=1.0):  # type: ignore[override]
+    def __call__(self, z_list, tau=1.0):
         return [self.damp(out, z, tau) for out, z in zip(self.func(*z_list), z_list)]
 
     def norm_diff(self, z_new, z_old, show_list=False):  # type: ignore[override]
