@@ -305,10 +305,14 @@ def test_fallback_through_deq_the_registry_pickling_and_torch_compile():
 
 
 def test_fallback_refusals():
-    with pytest.raises(TypeError, match="at least two solvers"):
+    with pytest.raises(TypeError) as one:
         deqkit.Fallback(deqkit.Anderson())
-    with pytest.raises(ValueError, match="runs a loop of its own"):
+    assert str(one.value) == "Fallback needs at least two solvers: Fallback(first, next, ...)"
+    with pytest.raises(ValueError) as own:
         deqkit.Fallback(deqkit.Anderson(), deqkit.TorchDEQSolver("anderson"))
+    assert str(own.value).startswith("Fallback cannot hand failed samples to TorchDEQSolver(")
+    assert str(own.value).endswith(": it runs a loop of its own from its own start, so it cannot continue from another "
+                                   "solver's iterates. Put it first, or use a solver that steps.")
     assert deqkit.Fallback(deqkit.TorchDEQSolver("anderson"), deqkit.Anderson()).own_loop  # first is fine
     with pytest.raises(TypeError, match="Fallback's solver 1 must be a solver object"):
         deqkit.Fallback(deqkit.Anderson(), "broyden")
