@@ -236,6 +236,9 @@ def test_large_but_finite_residuals_are_measured_not_overflowed():
     torch.testing.assert_close(sol.value, torch.full((1, 4), 6e30), rtol=1e-5, atol=0)
     assert math.isfinite(float(deqkit._numerics.scaled_norm(torch.full((1, 4), 3e38)).item()))
     assert math.isnan(float(deqkit._numerics.scaled_norm(torch.tensor([[1.0, float("inf")]])).item()))
+    # and no underflow either: entries far below 1 are scaled up before they are squared
+    tiny = deqkit._numerics.scaled_norm(torch.full((1, 4), 1e-200, dtype=torch.float64))
+    assert float(tiny.item()) == pytest.approx(2e-200, rel=1e-12)
 
 
 # -- 7. second derivatives: exact or refused ------------------------------------------------------

@@ -558,8 +558,50 @@ def test_divergence_is_judged_after_a_compaction_too():
     x = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0]], dtype=F64) * torch.ones(5, 3, dtype=F64)
     grow = torch.tensor([[0.0], [0.0], [0.0], [0.0], [1.0]], dtype=F64)
     f = lambda z, x, g: torch.where(g > 0, 3.0 * z + 1.0, 0.1 * z + x)  # noqa: E731
+    steps = []
     for active_set in (False, True):
         sol = deqkit.fixed_point(f, torch.zeros(5, 3, dtype=F64), inputs=(x, grow), solver=deqkit.FixedPoint(), tol=1e-8,
                                  max_steps=60, active_set=active_set, throw=False)
         assert sol.stats.status.tolist() == [0, 0, 0, 0, int(deqkit.Result.DIVERGED)], active_set
-        assert int(sol.stats.steps[4]) < 20
+        steps.append(int(sol.stats.steps[4]))
+    assert steps[0] == steps[1] < 20  # the compaction keeps the diverging sample's first residual as its reference
+
+
+def test_a_duck_typed_solver_gets_its_arguments_and_may_run_a_loop_of_its_own():
+    """A solver object that does not derive from AbstractSolver: ``init`` gets the start, its
+    image and the problem; a ``run`` of its own is called with the problem, the start and the
+    options, and its record is the solve's."""
+    def f(z):
+        return 0.5 * torch.cos(z)
+
+    class Stepping:
+        def __init__(self):
+            self.first = None
+
+        def init(self, z, fz, problem):
+            self.first = (z.clone(), fz.clone(), problem.f(z))
+            return None
+
+        def step(self, z, fz, state, problem):
+            return fz, state
+
+    class Delegating(Stepping):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def run(self, problem, z0, options):
+            self.seen.append((problem.f(z0), z0, options))
+            return deqkit.Anderson(m=3).run(problem, z0, options)
+
+    z0 = torch.full((2, 3), 0.25, dtype=torch.float64)
+    stepping = Stepping()
+    deqkit.fixed_point(f, z0, solver=stepping, tol=1e-8, max_steps=60)
+    z, fz, again = stepping.first
+    assert torch.equal(z, z0) and torch.equal(fz, f(z0)) and torch.equal(again, f(z0))
+    delegating = Delegating()
+    sol = deqkit.fixed_point(f, z0, solver=delegating, tol=1e-10, max_steps=40)
+    ref = deqkit.fixed_point(f, z0, solver=deqkit.Anderson(m=3), tol=1e-10, max_steps=40)
+    assert torch.equal(sol.value, ref.value) and sol.stats.nfev == ref.stats.nfev + 1  # its own call counts too
+    ((image, start, options),) = delegating.seen
+    assert torch.equal(start, z0) and torch.equal(image, f(z0)) and (options.tol, options.max_steps) == (1e-10, 40)
