@@ -411,3 +411,23 @@ def test_reprs_name_the_solvers():
     assert repr(deq) == ("DEQ(\n  solver=FixedPoint(damping=1.0), backward=None, init='zeros', tol=0.0001, stop_mode='rel', "
                          "max_steps=7, active_set=False, divergence=10000.0, escape=10.0, trajectory=0, check_every=1, "
                          "throw=True, throw_on_max_steps=False\n  (cell): Linear(in_features=2, out_features=2, bias=True)\n)")
+
+
+@pytest.mark.parametrize("images", [
+    [1.0, 3.0, 5.0, 8.0, 10.0],   # the last test passes tol, ||f(z)|| is exactly escape (10) x its first value
+    [1.0, 3.0, 7.0, 15.0, 19.0],  # ... and ||f(z) - z|| is exactly half its largest value so far
+], ids=["grown_exactly", "fallen_exactly_half"])
+def test_the_escape_rule_includes_its_thresholds(images):
+    """A test that passes tol is ESCAPED when ||f(z)|| >= escape x its first value while
+    ||f(z) - z|| >= half its peak: both bounds count (scalar iterates of exact binary numbers)."""
+    calls = []
+
+    def f(z):
+        calls.append(None)
+        return torch.full_like(z, images[len(calls) - 1])
+
+    with torch.no_grad():
+        sol = deqkit.fixed_point(f, torch.zeros(1, 1, dtype=torch.float64), solver=deqkit.FixedPoint(), tol=0.25,
+                                 stop_mode="rel", max_steps=len(images), escape=10.0, throw=False)
+    assert sol.stats.status.tolist() == [int(R.ESCAPED)]
+    assert len(calls) == len(images)  # the last test escaped
