@@ -1059,3 +1059,23 @@ def test_hook_ift_with_jac_reg_on_the_output():
     assert worst_difference(theirs[1], alone) > 1e-3  # torchdeq's loss lost its IFT gradient
     with pytest.raises(RuntimeError, match=r"jac_reg\(deq_func\(z\), z\).*use ift=True"):
         program(compat, True, create_graph=True)
+
+
+def test_an_assignment_before_spectral_norms_first_reset_replaces_the_weight_until_the_reset():
+    """torchdeq's spectral-norm weight aliases weight_orig until the first reset_norm: an in-place
+    write lands there, but an assignment only rebinds the attribute, used until the next reset."""
+    def program(lib):
+        torch.manual_seed(0)
+        lin = nn.Linear(3, 3).double()
+        lib.apply_norm(lin, "spectral_norm")
+        x = torch.randn(2, 3, dtype=F64)
+        half = 0.5 * lin.weight.detach()
+        lin.weight = half
+        used = torch.equal(lin(x), torch.nn.functional.linear(x, half, lin.bias))
+        orig = lin.weight_orig.detach().clone()
+        lib.reset_norm(lin)
+        return used, orig, lin(x).detach()
+
+    theirs, ours = both(program)
+    assert ours[0] and theirs[0]  # (the weight halved differs: raw in torchdeq before its first reset, a documented fix)
+    assert_same(ours[1:], theirs[1:])  # weight_orig untouched, and the reset computes the weight anew

@@ -9,9 +9,8 @@ value and ``info``) and an option a solver does not read is ignored (here with a
 
 from __future__ import annotations
 
-import operator
-
 import difflib
+import operator
 
 import torch
 

@@ -17,8 +17,8 @@ import torch
 
 from .mem import mem_gc
 
-__all__ = ["add_deq_args", "mem_gc", "mixed_init", "DEQConfig", "DEQWrapper", "MDEQWrapper", "SpeedyMDEQWrapper", "deq_decorator",
-           "TorchDEQCompatWarning"]
+__all__ = ["add_deq_args", "mem_gc", "mixed_init", "DEQConfig", "DEQWrapper", "MDEQWrapper", "SpeedyMDEQWrapper",
+           "deq_decorator", "TorchDEQCompatWarning"]
 
 _SOLVERS = ["anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter"]
 # torchdeq's command-line options (flag, argparse keywords), in its order
